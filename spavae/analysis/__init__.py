@@ -1,0 +1,5 @@
+"""Downstream analyses on the latent embedding."""
+
+from spavae.analysis.clustering import cluster_kmeans, refine_labels, score_clustering
+
+__all__ = ["cluster_kmeans", "refine_labels", "score_clustering"]

@@ -1,0 +1,56 @@
+"""Spatial domains: KMeans on the latent, neighbour refinement and ARI/NMI scores (ALGORITHM 7.6)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial import cKDTree
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+NEIGHBOURS = {"hexagon": 6, "square": 4}
+
+
+def cluster_kmeans(latent: np.ndarray, n_clusters: int, *, n_init: int = 100, seed: int = 0) -> np.ndarray:
+    """KMeans labels (``n_init`` restarts, 100 as in the original) of the rows of ``latent``."""
+    latent = np.asarray(latent)
+    if not np.isfinite(latent).all():
+        raise ValueError("the latent embedding contains NaN/inf values; the model did not train properly")
+    if not 1 <= n_clusters <= len(latent):
+        raise ValueError(f"n_clusters must be between 1 and the number of spots, got {n_clusters}")
+    return KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit_predict(latent)
+
+
+def refine_labels(labels: np.ndarray, locations: np.ndarray, *, shape: str = "hexagon") -> np.ndarray:
+    """Neighbour-majority refinement of domain labels (the original's ``refine``).
+
+    Each spot looks at its ``n + 1`` nearest spots, itself included (``n`` = 6 for ``'hexagon'``/Visium,
+    4 for ``'square'``/ST). It takes the most frequent label when its own label occurs fewer than ``n/2``
+    times *and* the most frequent one more than ``n/2`` times. Only the original labels are read
+    (not iterative).
+    """
+    if shape not in NEIGHBOURS:
+        raise ValueError(f"shape must be one of {sorted(NEIGHBOURS)}, got {shape!r}")
+    labels = np.asarray(labels)
+    n_nb = NEIGHBOURS[shape]
+    _, neighbours = cKDTree(np.asarray(locations, dtype=np.float64)).query(locations, k=n_nb + 1)
+    refined = labels.copy()
+    for i, row in enumerate(neighbours):
+        values, counts = np.unique(labels[row], return_counts=True)
+        own = counts[values == labels[i]][0]
+        if own < n_nb / 2 and counts.max() > n_nb / 2:
+            refined[i] = values[np.argmax(counts)]
+    return refined
+
+
+def score_clustering(truth, predicted, *, unlabeled: str = "NA") -> dict[str, float]:
+    """ARI and NMI against ``truth``, leaving out spots whose truth is ``unlabeled`` (or missing)."""
+    truth = np.asarray(truth, dtype=object)
+    predicted = np.asarray(predicted)
+    if truth.shape[0] != predicted.shape[0]:
+        raise ValueError(f"{truth.shape[0]} true labels for {predicted.shape[0]} predicted labels")
+    keep = np.array([t is not None and t == t and str(t) != unlabeled for t in truth])
+    if not keep.any():
+        raise ValueError("no labelled spots to score against")
+    t, p = truth[keep].astype(str), predicted[keep]
+    return {"ari": float(adjusted_rand_score(t, p)), "nmi": float(normalized_mutual_info_score(t, p)),
+            "n_scored": int(keep.sum())}

@@ -1,0 +1,153 @@
+"""Input checks and the count preprocessing of spaVAE (ALGORITHM section 1.2 and 1.4).
+
+The encoder sees z-scored ``log1p`` library-normalised expression; the likelihood sees the raw counts
+together with the size factors. Nothing is dropped silently: :func:`filter_empty` reports what it removes.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+logger = logging.getLogger("spavae")
+
+
+def _dense(matrix) -> np.ndarray:
+    return matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
+
+
+def check_counts(counts, *, where: str = "counts") -> None:
+    """Raise a clear error unless ``counts`` is a finite, non-negative 2-D spots x genes matrix.
+
+    Non-integer values are allowed (some pipelines store corrected counts) but give a warning,
+    because the negative-binomial likelihood is meant for raw UMI counts.
+    """
+    values = counts.data if sp.issparse(counts) else np.asarray(counts)
+    if not sp.issparse(counts) and values.ndim != 2:
+        raise ValueError(f"{where}: counts must be a 2-D spots x genes matrix, got shape {values.shape}")
+    if counts.shape[0] == 0 or counts.shape[1] == 0:
+        raise ValueError(f"{where}: counts matrix is empty (shape {counts.shape})")
+    if not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"{where}: counts must be numeric, got dtype {values.dtype}")
+    n_bad = int(np.size(values) - np.isfinite(values).sum())
+    if n_bad:
+        raise ValueError(
+            f"{where}: {n_bad} count value(s) are NaN or infinite; spavae needs raw counts. "
+            "Fill or remove those entries (e.g. adata = adata[:, np.isfinite(X).all(0)])."
+        )
+    if (values < 0).any():
+        raise ValueError(
+            f"{where}: {int((values < 0).sum())} count value(s) are negative; spavae models raw counts. "
+            "Pass the raw count layer (layer='counts'), not scaled or log-transformed data."
+        )
+    if not np.allclose(values, np.round(values)):
+        warnings.warn(
+            f"{where}: counts are not integers; the negative-binomial likelihood expects raw UMI counts.",
+            stacklevel=2,
+        )
+
+
+def check_locations(locations: np.ndarray, n_spots: int, *, where: str = "locations") -> None:
+    """Raise a clear error unless ``locations`` is a finite ``n_spots x 2`` array."""
+    locations = np.asarray(locations)
+    if locations.ndim != 2 or locations.shape[1] != 2:
+        raise ValueError(f"{where}: locations must be a spots x 2 array, got shape {locations.shape}")
+    if locations.shape[0] != n_spots:
+        raise ValueError(f"{where}: {locations.shape[0]} locations for {n_spots} spots; they must match one to one")
+    if not np.isfinite(locations).all():
+        raise ValueError(f"{where}: {int((~np.isfinite(locations)).any(1).sum())} spot location(s) are NaN/inf")
+
+
+def empty_masks(counts) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks of the spots and the genes whose total count is zero."""
+    dense_sum0 = np.asarray(counts.sum(axis=0)).ravel()
+    dense_sum1 = np.asarray(counts.sum(axis=1)).ravel()
+    return dense_sum1 <= 0, dense_sum0 <= 0
+
+
+def filter_empty(adata: ad.AnnData) -> ad.AnnData:
+    """Return a copy without zero-count genes and zero-count spots, reporting what was removed.
+
+    Genes are removed first and then spots, as in the original (scanpy ``filter_genes(min_counts=1)``
+    then ``filter_cells(min_counts=1)``). Locations, ``obs`` and ``obsm`` stay aligned because the
+    spots are removed from the whole AnnData.
+    """
+    _, empty_genes = empty_masks(adata.X)
+    if empty_genes.any():
+        names = list(adata.var_names[empty_genes][:5])
+        message = f"removed {int(empty_genes.sum())} gene(s) with zero total count (e.g. {names})"
+        logger.warning(message)
+        warnings.warn(message, stacklevel=2)
+        adata = adata[:, ~empty_genes]
+    empty_spots, _ = empty_masks(adata.X)
+    if empty_spots.any():
+        names = list(adata.obs_names[empty_spots][:5])
+        message = (
+            f"removed {int(empty_spots.sum())} spot(s) with zero total count together with their locations "
+            f"(e.g. {names})"
+        )
+        logger.warning(message)
+        warnings.warn(message, stacklevel=2)
+        adata = adata[~empty_spots]
+    return adata.copy()
+
+
+def size_factors(counts) -> np.ndarray:
+    """Library size factors ``s_i = n_i / median(n)`` with ``n_i`` the total count of spot ``i``."""
+    totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    if (totals <= 0).any():
+        raise ValueError(
+            f"{int((totals <= 0).sum())} spot(s) have zero total count; remove them with spavae.data.filter_empty"
+        )
+    return totals / np.median(totals)
+
+
+def normalize_log_scale(counts, factors: np.ndarray) -> np.ndarray:
+    """Encoder input: counts / size factor, ``log1p``, then z-scored per gene (ddof=1; zero sd -> 1)."""
+    logged = np.log1p(_dense(counts).astype(np.float64) / factors[:, None])
+    mean = logged.mean(axis=0)
+    sd = logged.std(axis=0, ddof=1) if logged.shape[0] > 1 else np.zeros_like(mean)
+    sd[sd == 0] = 1.0
+    return (logged - mean) / sd
+
+
+@dataclass
+class LocationScaler:
+    """Per-axis min-max scaling of locations to ``[0, loc_range]`` (ALGORITHM 1.4).
+
+    The fitted minimum and range are kept so that new locations (interpolation, enhancement) are
+    mapped into the same coordinate frame as the training spots.
+    """
+
+    loc_range: float = 20.0
+    minimum: np.ndarray | None = None
+    span: np.ndarray | None = None
+
+    def fit(self, locations: np.ndarray) -> LocationScaler:
+        """Learn the per-axis minimum and span of ``locations``."""
+        locations = np.asarray(locations, dtype=np.float64)
+        if self.loc_range <= 0:
+            raise ValueError(f"loc_range must be positive, got {self.loc_range}")
+        self.minimum = locations.min(axis=0)
+        self.span = locations.max(axis=0) - self.minimum
+        if (self.span <= 0).any():
+            raise ValueError(
+                f"all spots share the same coordinate on axis {int(np.argmin(self.span))}; "
+                "spavae needs 2-D spot locations that vary along both axes"
+            )
+        return self
+
+    def transform(self, locations: np.ndarray) -> np.ndarray:
+        """Scale ``locations`` with the fitted minimum and span."""
+        if self.minimum is None:
+            raise RuntimeError("LocationScaler.fit must be called before transform")
+        return (np.asarray(locations, dtype=np.float64) - self.minimum) / self.span * self.loc_range
+
+    def fit_transform(self, locations: np.ndarray) -> np.ndarray:
+        """Fit then transform."""
+        return self.fit(locations).transform(locations)

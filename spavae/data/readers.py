@@ -1,0 +1,137 @@
+"""Readers for the spaVAE HDF5 layout and for AnnData ``.h5ad`` files.
+
+Both return an :class:`anndata.AnnData` with raw counts in ``.X``, the spot coordinates in
+``obsm['spatial']`` and, when the file has them, ground-truth labels in ``obs['ground_truth']``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+
+from spavae.data.preprocess import check_counts, check_locations
+
+LABEL_KEY = "ground_truth"
+
+
+def _decode(values: np.ndarray) -> np.ndarray:
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
+
+
+def read_spavae_h5(
+    path: str | os.PathLike,
+    *,
+    counts_key: str = "X",
+    spatial_key: str = "pos",
+    label_key: str | None = "Y",
+) -> ad.AnnData:
+    """Read a file in the original spaVAE layout (``X``, ``pos``, optional ``Y``, ``gene``, ``cell``).
+
+    Parameters
+    ----------
+    path
+        The ``.h5`` file.
+    counts_key
+        Dataset with the spots x genes raw counts.
+    spatial_key
+        Dataset with the spots x 2 locations (some spaPeakVAE files use ``Pos``).
+    label_key
+        Optional dataset with one label per spot (``'NA'`` = unannotated); ``None`` skips it.
+
+    Returns
+    -------
+    AnnData with counts in ``.X`` (float32), locations in ``obsm['spatial']`` and labels, when
+    present, in ``obs['ground_truth']``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{path} is not a readable HDF5 file ({err})") from err
+    with handle as h5:
+        missing = [k for k in (counts_key, spatial_key) if k not in h5]
+        if missing:
+            raise KeyError(
+                f"{path} has no dataset {missing}; the spaVAE layout needs '{counts_key}' (spots x genes raw "
+                f"counts) and '{spatial_key}' (spots x 2 locations). Datasets present: {sorted(h5.keys())}"
+            )
+        counts = np.asarray(h5[counts_key][()], dtype=np.float64)
+        locations = np.asarray(h5[spatial_key][()], dtype=np.float64)
+        genes = _decode(h5["gene"][()]) if "gene" in h5 else None
+        cells = _decode(h5["cell"][()]) if "cell" in h5 else None
+        labels = _decode(h5[label_key][()]) if label_key and label_key in h5 else None
+    check_counts(counts, where=f"{path}:{counts_key}")
+    check_locations(locations, counts.shape[0], where=f"{path}:{spatial_key}")
+    n_spots, n_genes = counts.shape
+    obs = pd.DataFrame(index=pd.Index(cells if cells is not None else [f"spot{i}" for i in range(n_spots)]))
+    var = pd.DataFrame(index=pd.Index(genes if genes is not None else [f"gene{j}" for j in range(n_genes)]))
+    for name, frame, size in (("cell", obs, n_spots), ("gene", var, n_genes)):
+        if len(frame) != size:
+            raise ValueError(f"{path}: '{name}' has {len(frame)} entries but '{counts_key}' implies {size}")
+    if labels is not None:
+        if len(labels) != n_spots:
+            raise ValueError(f"{path}: '{label_key}' has {len(labels)} labels for {n_spots} spots")
+        obs[LABEL_KEY] = pd.Categorical(labels)
+    obs_names_unique = obs.index.is_unique
+    adata = ad.AnnData(X=counts.astype(np.float32), obs=obs, var=var)
+    if not obs_names_unique:
+        adata.obs_names_make_unique()
+    adata.obsm["spatial"] = locations
+    adata.uns["spavae_source"] = {"path": str(path), "format": "spavae-h5"}
+    return adata
+
+
+def read_h5ad(
+    path: str | os.PathLike,
+    *,
+    layer: str | None = None,
+    spatial_key: str = "spatial",
+    label_key: str | None = None,
+) -> ad.AnnData:
+    """Read an ``.h5ad`` file and check that it carries counts and locations.
+
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` file.
+    layer
+        Layer holding the raw counts; ``None`` uses ``.X``. The counts are moved to ``.X``.
+    spatial_key
+        Key of the spots x 2 coordinates in ``obsm``.
+    label_key
+        Optional ``obs`` column with ground-truth labels, copied to ``obs['ground_truth']``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    adata = ad.read_h5ad(path)
+    if layer is not None:
+        if layer not in adata.layers:
+            raise KeyError(f"{path} has no layer '{layer}'; layers present: {list(adata.layers.keys())}")
+        adata.X = adata.layers[layer]
+    if spatial_key not in adata.obsm:
+        raise KeyError(
+            f"{path} has no obsm['{spatial_key}'] with spot coordinates; keys present: {list(adata.obsm.keys())}. "
+            "Pass spatial_key= to name the right one."
+        )
+    check_counts(adata.X, where=f"{path}:{'layers/' + layer if layer else 'X'}")
+    check_locations(np.asarray(adata.obsm[spatial_key]), adata.n_obs, where=f"{path}:obsm/{spatial_key}")
+    if spatial_key != "spatial":
+        adata.obsm["spatial"] = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
+    if label_key is not None:
+        if label_key not in adata.obs:
+            raise KeyError(f"{path} has no obs column '{label_key}'; columns: {list(adata.obs.columns)}")
+        adata.obs[LABEL_KEY] = pd.Categorical(adata.obs[label_key].astype(str))
+    return adata
+
+
+def read(path: str | os.PathLike, **kwargs) -> ad.AnnData:
+    """Read ``.h5ad`` with :func:`read_h5ad` and anything else (``.h5``/``.hdf5``) with :func:`read_spavae_h5`."""
+    return read_h5ad(path, **kwargs) if str(path).endswith(".h5ad") else read_spavae_h5(path, **kwargs)

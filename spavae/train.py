@@ -1,0 +1,232 @@
+"""The training loop: AdamW, train/validation split, PI-controlled beta, early stopping, history (ALGORITHM 6)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from spavae.beta import PIController
+from spavae.model import Batch, SpaVAEModule
+
+logger = logging.getLogger("spavae")
+
+
+@dataclass
+class TrainingData:
+    """All spots as tensors on the training device (encoder input, GP-dtype locations, counts, size factors)."""
+
+    expression: torch.Tensor
+    locations: torch.Tensor
+    counts: torch.Tensor
+    size_factors: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.expression.shape[0]
+
+    def batch(self, index: torch.Tensor) -> Batch:
+        """The mini-batch of the spots in ``index``."""
+        return Batch(self.expression[index], self.locations[index], self.counts[index], self.size_factors[index])
+
+
+def auto_batch_size(n_spots: int) -> int:
+    """The original's rule: 128 up to 1024 spots, 256 up to 2048, else 512."""
+    return 128 if n_spots <= 1024 else 256 if n_spots <= 2048 else 512
+
+
+def split_indices(n: int, train_size: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random train/validation split with ``floor(n * train_size)`` training spots (at least one of each)."""
+    if not 0 < train_size <= 1:
+        raise ValueError(f"train_size must be in (0, 1], got {train_size}")
+    order = torch.randperm(n, generator=generator)
+    n_train = n if train_size == 1 else min(max(int(math.floor(n * train_size)), 1), n - 1)
+    return order[:n_train], order[n_train:]
+
+
+@dataclass
+class TrainingState:
+    """What the loop keeps between epochs (enough to resume)."""
+
+    epoch: int = 0
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    best_state: dict | None = None
+    epochs_without_improvement: int = 0
+    stop_reason: str | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    """Train a :class:`~spavae.model.SpaVAEModule` with the original's loop and its fixes.
+
+    Parameters
+    ----------
+    module
+        The module to train (in place).
+    data
+        All spots (:class:`TrainingData`).
+    lr, weight_decay
+        AdamW settings (applied to every parameter, as in the original).
+    batch_size
+        Mini-batch size, or ``'auto'``.
+    train_size
+        Fraction of spots used for training; the rest is the validation set for early stopping.
+        With 1.0 there is no validation and training runs ``max_epochs``.
+    patience
+        Epochs without a better validation loss before stopping; the best weights are then restored.
+    beta
+        A :class:`~spavae.beta.PIController`, or a number for a fixed beta.
+    num_samples
+        Latent samples per spot for the NB term.
+    noise
+        Denoising-noise regulariser (0 = off).
+    generator
+        Random generator for the split and the shuffling.
+    """
+
+    def __init__(self, module: SpaVAEModule, data: TrainingData, *, lr: float = 1e-3, weight_decay: float = 1e-6,
+                 batch_size: int | str = "auto", train_size: float = 0.95, patience: int = 200,
+                 beta: PIController | float = 10.0, num_samples: int = 1, noise: float = 0.0,
+                 generator: torch.Generator | None = None):
+        if batch_size == "auto":
+            batch_size = auto_batch_size(len(data))
+        if not isinstance(batch_size, int) or batch_size < 2:
+            raise ValueError(f"batch_size must be an integer >= 2 or 'auto', got {batch_size!r}")
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if lr <= 0 or weight_decay < 0 or noise < 0:
+            raise ValueError(f"need lr > 0, weight_decay >= 0 and noise >= 0 (got {lr}, {weight_decay}, {noise})")
+        self.module, self.data = module, data
+        self.batch_size, self.patience = batch_size, patience
+        self.beta = beta
+        self.num_samples, self.noise = num_samples, noise
+        self.generator = generator or torch.Generator().manual_seed(0)
+        self.train_index, self.val_index = split_indices(len(data), train_size, self.generator)
+        self.drop_last = len(self.train_index) > batch_size
+        self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
+                                           weight_decay=weight_decay)
+        self.state = TrainingState()
+
+    @property
+    def current_beta(self) -> float:
+        """The KL weight used for the next step."""
+        return self.beta.beta if isinstance(self.beta, PIController) else float(self.beta)
+
+    def _batches(self, index: torch.Tensor, shuffle: bool, drop_last: bool):
+        if shuffle:
+            index = index[torch.randperm(len(index), generator=self.generator)]
+        stop = len(index) - len(index) % self.batch_size if drop_last else len(index)
+        for start in range(0, stop, self.batch_size):
+            chunk = index[start:start + self.batch_size]
+            if len(chunk) > 1:  # BatchNorm needs two spots
+                yield chunk.to(self.data.expression.device)
+
+    def _train_epoch(self) -> dict | None:
+        self.module.train()
+        sums: dict[str, float] = {}
+        for index in self._batches(self.train_index, True, self.drop_last):
+            out = self.module.loss(self.data.batch(index), self.current_beta, num_samples=self.num_samples,
+                                   noise=self.noise)
+            if not torch.isfinite(out.loss):
+                return None
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), math.inf)
+            if not torch.isfinite(grad_norm):
+                return None
+            self.optimizer.step()
+            if isinstance(self.beta, PIController):
+                self.beta.step(float(out.kl_gp + out.kl_gauss) / out.n_spots)
+            _accumulate(sums, out.detached())
+        return _per_spot(sums)
+
+    @torch.no_grad()
+    def _validate(self) -> dict:
+        self.module.eval()
+        sums: dict[str, float] = {}
+        for index in self._batches(self.val_index, False, False):
+            out = self.module.loss(self.data.batch(index), self.current_beta, num_samples=self.num_samples,
+                                   noise=self.noise)
+            _accumulate(sums, out.detached())
+        return _per_spot(sums)
+
+    def fit(self, max_epochs: int, *, progress: bool = True) -> list[dict]:
+        """Run up to ``max_epochs`` more epochs; returns the per-epoch history.
+
+        A non-finite loss never reaches the weights: training stops, the best (or, without validation,
+        the last good) weights are restored and a warning explains what happened.
+        """
+        if max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
+        state = self.state
+        has_validation = len(self.val_index) > 1
+        bar = tqdm(range(max_epochs), desc="spavae", disable=not progress, unit="epoch", leave=False)
+        for _ in bar:
+            start = time.perf_counter()
+            last_good = None if has_validation else copy.deepcopy(self.module.state_dict())
+            train = self._train_epoch()
+            if train is None or not all(math.isfinite(v) for v in train.values()):
+                self._stop_on_nan(last_good)
+                break
+            state.epoch += 1
+            record = {"epoch": state.epoch, **{f"train_{k}": v for k, v in train.items()}}
+            monitored = train["loss"]
+            if has_validation:
+                val = self._validate()
+                record |= {f"val_{k}": v for k, v in val.items()}
+                monitored = val["loss"]
+            record |= {"beta": self.current_beta, "kernel_scale": self.module.gp.kernel_scale,
+                       "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+            state.history.append(record)
+            bar.set_postfix(loss=f"{train['loss']:.2f}", val=f"{monitored:.2f}", beta=f"{self.current_beta:.2f}")
+            if not math.isfinite(monitored):
+                self._stop_on_nan(last_good)
+                break
+            if has_validation:
+                if monitored <= state.best_loss:
+                    state.best_loss, state.best_epoch = monitored, state.epoch
+                    state.best_state = copy.deepcopy(self.module.state_dict())
+                    state.epochs_without_improvement = 0
+                else:
+                    state.epochs_without_improvement += 1
+                    if state.epochs_without_improvement >= self.patience:
+                        state.stop_reason = f"early stopping at epoch {state.epoch}"
+                        self.module.load_state_dict(state.best_state)
+                        logger.info("%s; restored the best weights of epoch %d", state.stop_reason, state.best_epoch)
+                        break
+        bar.close()
+        return state.history
+
+    def _stop_on_nan(self, last_good: dict | None) -> None:
+        state = self.state
+        restore = state.best_state if state.best_state is not None else last_good
+        where = f"epoch {state.best_epoch}" if state.best_state is not None else f"the end of epoch {state.epoch}"
+        state.stop_reason = f"non-finite loss in epoch {state.epoch + 1}"
+        if restore is None:
+            raise FloatingPointError(
+                f"the loss became NaN/inf in epoch {state.epoch + 1} before any weights could be kept. Try a lower "
+                "learning rate, a larger loc_range, or check the input counts."
+            )
+        self.module.load_state_dict(restore)
+        warnings.warn(
+            f"training stopped: {state.stop_reason}; restored the weights of {where}. A lower learning rate or a "
+            "larger loc_range usually helps.", RuntimeWarning, stacklevel=3,
+        )
+
+
+def _accumulate(sums: dict[str, float], values: dict[str, float]) -> None:
+    for key, value in values.items():
+        sums[key] = sums.get(key, 0.0) + value
+
+
+def _per_spot(sums: dict[str, float]) -> dict:
+    n = sums.pop("n_spots", 0)
+    return {k: v / max(n, 1) for k, v in sums.items()}

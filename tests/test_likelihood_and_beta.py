@@ -1,0 +1,65 @@
+"""The NB likelihood against scipy and the PI controller against the original's test vectors."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from spavae.beta import PIController
+from spavae.likelihoods import NegativeBinomialLikelihood, nb_log_prob
+
+
+def test_nb_matches_scipy_and_the_epsilon_form():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 60, size=200).astype(float)
+    mu = rng.uniform(0.1, 40, size=200)
+    theta = rng.uniform(0.2, 20, size=200)
+    expected = stats.nbinom.logpmf(y, theta, theta / (theta + mu))
+    eps_form = nb_log_prob(torch.tensor(y), torch.tensor(mu), torch.tensor(theta)).numpy()
+    np.testing.assert_allclose(eps_form, expected, rtol=1e-7, atol=1e-7)
+    assert -nb_log_prob(torch.tensor(3.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64),
+                        torch.tensor(1.7, dtype=torch.float64)).item() == pytest.approx(2.1272013, abs=1e-6)
+
+
+def test_likelihood_module_uses_size_factors_and_gene_dispersion():
+    lik = NegativeBinomialLikelihood(3).double()
+    lik.raw_dispersion.data = torch.tensor([0.0, 1.0, 20.0], dtype=torch.float64)  # 20 is clamped to 15
+    mean = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]], dtype=torch.float64)
+    sf = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    counts = torch.tensor([[1.0, 4.0, 6.0], [0.0, 2.0, 1.0]], dtype=torch.float64)
+    theta = np.exp([0.0, 1.0, 15.0])
+    mu = mean.numpy() * sf.numpy()[:, None]
+    expected = stats.nbinom.logpmf(counts.numpy(), theta, theta / (theta + mu)).sum(1)
+    np.testing.assert_allclose(lik(mean, sf).log_prob(counts).detach().numpy(), expected, rtol=1e-6)
+    assert lik(mean, sf).mean.detach().numpy() == pytest.approx(mu)
+
+
+def test_controller_vectors_from_the_original():
+    c = PIController(0.25)
+    assert [round(c.step(2.24), 6) for _ in range(6)] == [10.05475, 10.1045, 10.15425, 10.204, 10.25375, 10.3035]
+    c = PIController(0.25)
+    assert [round(c.update(k), 6) for k in (1.0, 0.5, 0.25, 0.1, 0.0)] == [
+        10.02352, 10.027773, 10.025, 10.019458, 10.012227]
+
+
+def test_controller_windup_and_lower_freeze():
+    c = PIController(0.25, beta_init=24.9)
+    out = [c.update(0.5) for _ in range(20)]
+    assert out[-1] == 25.0 and c.state == pytest.approx(25.027773, abs=1e-6)
+    assert [round(c.update(0.0), 6) for _ in range(5)] == [25.0, 25.0, 25.0, 24.997227, 24.990977]
+    low = PIController(0.25, beta_init=3.0)  # below beta_min: the integral step is frozen
+    low.update(0.0)
+    assert low.state == pytest.approx(3.0 + 0.01 * (1 / (1 + np.exp(1.25)) - 0.5))
+    assert low.beta == 4.0
+
+
+def test_controller_window_and_state_roundtrip():
+    c = PIController(0.25, window=3)
+    for k in (1.0, 2.0, 3.0, 4.0):
+        c.step(k)
+    assert list(c.history) == [3.0, 4.0]
+    clone = PIController(0.25, window=3)
+    clone.load_state_dict(c.state_dict())
+    assert clone.step(0.5) == c.step(0.5)
+    with pytest.raises(ValueError, match="beta_min"):
+        PIController(0.25, beta_min=5, beta_max=4)
