@@ -76,7 +76,7 @@ class LossOutput:
 
     def detached(self) -> dict[str, float]:
         """Plain floats of every part, for logging."""
-        return {k: float(v) for k, v in vars(self).items() if k != "n_spots"} | {"n_spots": self.n_spots}
+        return {k: float(v.detach()) for k, v in vars(self).items() if k != "n_spots"} | {"n_spots": self.n_spots}
 
 
 class SpaVAEModule(nn.Module):

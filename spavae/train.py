@@ -144,7 +144,7 @@ class Trainer:
                 return None
             self.optimizer.step()
             if isinstance(self.beta, PIController):
-                self.beta.step(float(out.kl_gp + out.kl_gauss) / out.n_spots)
+                self.beta.step(float((out.kl_gp + out.kl_gauss).detach()) / out.n_spots)
             _accumulate(sums, out.detached())
         return _per_spot(sums)
 

@@ -112,7 +112,7 @@ def normalize_log_scale(counts, factors: np.ndarray) -> np.ndarray:
     logged = np.log1p(_dense(counts).astype(np.float64) / factors[:, None])
     mean = logged.mean(axis=0)
     sd = logged.std(axis=0, ddof=1) if logged.shape[0] > 1 else np.zeros_like(mean)
-    sd[sd == 0] = 1.0
+    sd[sd <= 1e-10 * np.maximum(1.0, np.abs(mean))] = 1.0  # constant genes (up to round-off) stay at 0
     return (logged - mean) / sd
 
 

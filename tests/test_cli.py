@@ -1,0 +1,47 @@
+"""The command line: help, a tiny end-to-end run on an h5 file, and clear errors."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+import spavae
+from spavae.cli import build_parser, main
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--out", "--epochs", "--kernel", "--n-domains", "--seed", "--threads", "--device"):
+        assert option in text
+
+
+def test_run_on_an_h5_file_writes_every_output(tmp_path, small_adata):
+    path = tmp_path / "section.h5"
+    with h5py.File(path, "w") as h5:
+        h5["X"] = small_adata.X
+        h5["pos"] = small_adata.obsm["spatial"]
+        h5["Y"] = np.array([s.encode() for s in small_adata.obs["ground_truth"]])
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--epochs", "2", "--quiet", "--threads", "1"]) == 0
+    for name in ("results.h5ad", "latent.csv", "domains.png", "training.png", "model.pt", "metrics.json"):
+        assert (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_domains"] == 4 and metrics["epochs"] == 2 and 0 <= metrics["nmi"] <= 1
+    results = spavae.read_h5ad(out / "results.h5ad")
+    assert results.obsm["X_spavae"].shape == (256, 10)
+    assert results.obs["spavae_domain"].nunique() <= 4
+    assert (out / "domains.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.h5"), "--out", str(tmp_path)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    unlabeled = tmp_path / "nolabels.h5"
+    with h5py.File(unlabeled, "w") as h5:
+        h5["X"] = np.ones((10, 3))
+        h5["pos"] = np.random.default_rng(0).uniform(size=(10, 2))
+    with pytest.raises(SystemExit, match="--n-domains"):
+        main(["run", str(unlabeled), "--out", str(tmp_path / "o")])
