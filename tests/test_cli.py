@@ -45,3 +45,15 @@ def test_run_errors_are_one_clear_line(tmp_path, capsys):
         h5["pos"] = np.random.default_rng(0).uniform(size=(10, 2))
     with pytest.raises(SystemExit, match="--n-domains"):
         main(["run", str(unlabeled), "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("script,args", [("quickstart.py", ["--epochs", "2"]), ("pyro_predictive.py", ["--epochs", "2"])])
+def test_examples_run(script, args, tmp_path, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / script
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(path), *args])
+    runpy.run_path(str(path), run_name="__main__")

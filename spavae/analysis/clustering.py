@@ -20,6 +20,16 @@ def cluster_kmeans(latent: np.ndarray, n_clusters: int, *, n_init: int = 100, se
     return KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit_predict(latent)
 
 
+def visium_array_to_xy(array_coords: np.ndarray) -> np.ndarray:
+    """Visium ``(array_row, array_col)`` to lattice ``(x, y)`` in which all six hexagonal neighbours are equidistant.
+
+    In raw array coordinates the neighbours ``(r, c +- 2)`` are farther than ``(r +- 1, c +- 1)`` and tie with
+    non-neighbours ``(r +- 2, c)``, so a nearest-neighbour rule would pick the wrong spots.
+    """
+    array_coords = np.asarray(array_coords, dtype=np.float64)
+    return np.column_stack([array_coords[:, 1], array_coords[:, 0] * np.sqrt(3.0)])
+
+
 def refine_labels(labels: np.ndarray, locations: np.ndarray, *, shape: str = "hexagon") -> np.ndarray:
     """Neighbour-majority refinement of domain labels (the original's ``refine``).
 
