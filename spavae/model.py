@@ -6,15 +6,21 @@ locations, the other ``n_gauss`` a standard-normal prior.
 * ``guide``: the encoder gives :math:`(\tilde\omega, \tilde\phi^2)`; the GP dimensions get the sparse-GP
   posterior marginals :math:`N(m, B)` (:class:`~spavae.gp.SpatialGP`), the Gaussian ones
   :math:`N(\tilde\omega, \tilde\phi^2)`.
-* ``model``: standard-normal prior on :math:`z^N` (its KL weighted by ``beta`` with ``poutine.scale``) and
-  the negative-binomial likelihood of the counts given the decoder mean and the size factors.
+* ``model``: standard-normal (or learnable Gaussian) prior on :math:`z^N` (its KL weighted by ``beta`` with
+  ``poutine.scale``) and the likelihood of every observation model (:mod:`spavae.likelihoods`: NB genes,
+  Bernoulli peaks, NB-mixture proteins) given the decoder(s). With ``latent_distribution='lognormal'``
+  (spaLDVAE) the decoders see :math:`\exp(z)`.
 
 The GP site ``z_gp`` is masked out of Pyro's ELBO in both functions (as GPyTorch's own ``pyro_model`` does):
 its KL is the hand-written Pearce cross-entropy term :math:`\beta (C - E_b)`, which :meth:`SpaVAEModule.loss`
 adds. So the training loss is, per mini-batch,
 
 .. math::
-    \mathcal{L}_b = \mathrm{NB} + \beta\,\mathrm{KL}_{GP} + \beta\,\mathrm{KL}_{N} + [\sigma_n > 0]\,(G/L)\,R_\mathrm{noise}.
+    \mathcal{L}_b = -\log p(y \mid z) + \beta\,\mathrm{KL}_{GP} + \beta\,\mathrm{KL}_{N} + \mathrm{KL}_\mathrm{other}
+    + [\sigma_n > 0]\,(G/L)\,R_\mathrm{noise},
+
+where :math:`\mathrm{KL}_\mathrm{other}` collects the unweighted KLs of observation-level latents (the protein
+background of spaMultiVAE).
 
 ``model`` and ``guide`` take the same arguments and can be used with any Pyro inference tool, e.g.
 ``pyro.infer.Predictive(module.model, guide=module.guide, num_samples=10)`` to draw counts.
@@ -22,32 +28,37 @@ adds. So the training loss is, per mini-batch,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import kl_divergence
 
 from spavae.gp import GPBatchTerms, SpatialGP
-from spavae.likelihoods import NegativeBinomialLikelihood
-from spavae.nn import Decoder, GaussianEncoder
+from spavae.likelihoods import Observation
+from spavae.nn import GaussianEncoder
+
+GP_SITE, GAUSS_SITE = "z_gp", "z_gauss"
 
 
 @dataclass
 class Batch:
-    """One mini-batch: encoder input, GP-dtype locations, raw counts and size factors."""
+    """One mini-batch: encoder input, GP locations, raw counts, size factors and one-hot sections."""
 
     expression: torch.Tensor
     locations: torch.Tensor
     counts: torch.Tensor | None
-    size_factors: torch.Tensor
+    size_factors: torch.Tensor | None
+    covariates: torch.Tensor | None = None
 
     def args(self) -> tuple:
         """Positional arguments of ``model``/``guide``."""
-        return self.expression, self.locations, self.counts, self.size_factors
+        return self.expression, self.locations, self.counts, self.size_factors, self.covariates
 
 
 @dataclass
@@ -63,12 +74,16 @@ class Posterior:
 
 @dataclass
 class LossOutput:
-    """Named parts of one mini-batch loss (sums over the batch, like the original)."""
+    """Named parts of one mini-batch loss (sums over the batch, like the original).
+
+    ``nb`` is the reconstruction negative log-likelihood of all observation models (the NB term for genes).
+    """
 
     loss: torch.Tensor
     nb: torch.Tensor
     kl_gp: torch.Tensor
     kl_gauss: torch.Tensor
+    kl_other: torch.Tensor
     noise: torch.Tensor
     gp_cross_entropy: torch.Tensor
     gp_evidence: torch.Tensor
@@ -84,30 +99,51 @@ class SpaVAEModule(nn.Module):
 
     Parameters
     ----------
-    n_genes
-        Number of genes ``G``.
+    n_input
+        Width of the encoder input (genes, or genes + proteins), without section covariates.
     gp
         The :class:`~spavae.gp.SpatialGP` for the GP dimensions (defines ``n_gp``).
     n_gauss
-        Number of standard-normal latent dimensions.
+        Number of Gaussian latent dimensions.
     n_obs
         :math:`N` of the :math:`N/b` rescaling in the GP posterior.
-    encoder_layers, decoder_layers
-        Hidden widths.
+    observations
+        Observation models (:mod:`spavae.likelihoods`), each reading its own count columns.
+    encoder_layers
+        Hidden widths of the default dense encoder.
     dropout
-        Dropout rate of both networks.
+        Dropout rate of the default encoder.
+    n_batch
+        Number of sections; their one-hot vector is appended to the encoder input (and passed to the decoders).
+    latent_distribution
+        ``'normal'`` (spaVAE) or ``'lognormal'`` (spaLDVAE: decoders see ``exp(z)``).
+    learn_gauss_prior
+        Learn the mean and log-sd of the Gaussian dimensions' prior (spaLDVAE) instead of N(0, 1).
+    encoder
+        A custom encoder module returning ``(mean, var)`` of width ``n_gp + n_gauss``.
     """
 
-    def __init__(self, n_genes: int, gp: SpatialGP, n_gauss: int, n_obs: int, *, encoder_layers=(128, 64),
-                 decoder_layers=(128,), dropout: float = 0.0):
+    def __init__(self, n_input: int, gp: SpatialGP, n_gauss: int, n_obs: int, observations: Sequence[Observation], *,
+                 encoder_layers: Sequence[int] = (128, 64), dropout: float = 0.0, n_batch: int = 0,
+                 latent_distribution: str = "normal", learn_gauss_prior: bool = False,
+                 encoder: nn.Module | None = None):
         super().__init__()
         if n_gauss < 0:
             raise ValueError(f"n_gauss must be >= 0, got {n_gauss}")
-        self.n_gp, self.n_gauss, self.n_genes, self.n_obs = gp.n_latent, n_gauss, n_genes, n_obs
-        self.encoder = GaussianEncoder(n_genes, self.n_latent, encoder_layers, dropout=dropout)
-        self.decoder = Decoder(self.n_latent, n_genes, decoder_layers, dropout=dropout)
-        self.likelihood = NegativeBinomialLikelihood(n_genes)
+        if latent_distribution not in ("normal", "lognormal"):
+            raise ValueError(f"latent_distribution must be 'normal' or 'lognormal', got {latent_distribution!r}")
+        if not observations:
+            raise ValueError("the model needs at least one observation model")
+        self.n_gp, self.n_gauss, self.n_input, self.n_obs, self.n_batch = gp.n_latent, n_gauss, n_input, n_obs, n_batch
+        self.latent_distribution = latent_distribution
+        self.encoder = encoder or GaussianEncoder(n_input + n_batch, self.n_latent, encoder_layers, dropout=dropout)
+        self.observations = nn.ModuleList(observations)
         self.gp = gp
+        for name in ("gauss_prior_mean", "gauss_prior_log_sd"):  # N(0, 1) unless learned (spaLDVAE)
+            if learn_gauss_prior:
+                self.register_parameter(name, nn.Parameter(torch.zeros(n_gauss)))
+            else:
+                self.register_buffer(name, torch.zeros(n_gauss))
 
     @property
     def n_latent(self) -> int:
@@ -115,17 +151,24 @@ class SpaVAEModule(nn.Module):
         return self.n_gp + self.n_gauss
 
     @property
+    def decoder(self) -> nn.Module:
+        """Decoder of the first observation model (the gene decoder of spaVAE)."""
+        return self.observations[0].decoder
+
+    @property
     def net_dtype(self) -> torch.dtype:
         """dtype of the neural networks."""
-        return self.decoder.head.weight.dtype
+        return next(self.encoder.parameters()).dtype
 
     @property
     def gp_dtype(self) -> torch.dtype:
         """dtype of the GP algebra."""
         return self.gp.variational_strategy.inducing_points.dtype
 
-    def encode(self, expression: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, expression: torch.Tensor, covariates: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder means and variances (``b x D``)."""
+        if covariates is not None:
+            expression = torch.cat([expression, covariates.to(expression.dtype)], dim=-1)
         return self.encoder(expression)
 
     def gp_posterior(self, locations: torch.Tensor, omega: torch.Tensor, phi2: torch.Tensor,
@@ -137,87 +180,110 @@ class SpaVAEModule(nn.Module):
             self.n_obs if n_obs is None else n_obs,
         )
 
-    def posterior(self, expression: torch.Tensor, locations: torch.Tensor, n_obs: float | None = None) -> Posterior:
+    def posterior(self, expression: torch.Tensor, locations: torch.Tensor, covariates: torch.Tensor | None = None,
+                  n_obs: float | None = None) -> Posterior:
         """Encode a batch and compute the posterior ``q(z)`` of every latent dimension."""
-        omega, phi2 = self.encode(expression)
+        omega, phi2 = self.encode(expression, covariates)
         gp = self.gp_posterior(locations, omega, phi2, n_obs)
         mean = torch.cat([gp.mean.to(omega.dtype), omega[:, self.n_gp:]], dim=1)
         var = torch.cat([gp.var.to(omega.dtype), phi2[:, self.n_gp:]], dim=1)
         return Posterior(omega, phi2, gp, mean, var)
 
-    def guide(self, expression, locations, counts=None, size_factors=None, beta: float = 1.0) -> Posterior:
+    def decoder_input(self, z: torch.Tensor) -> torch.Tensor:
+        """What the decoders see: ``z``, or ``exp(z)`` for log-normal latents."""
+        return torch.exp(z) if self.latent_distribution == "lognormal" else z
+
+    def denoise(self, z: torch.Tensor, batch: Batch, observation: int = 0) -> torch.Tensor:
+        """Denoised signal of one observation model at latent values ``z`` (normalised scale)."""
+        return self.observations[observation].denoise(self.decoder_input(z), batch)
+
+    def guide(self, expression, locations, counts=None, size_factors=None, covariates=None, beta: float = 1.0) -> Posterior:
         """Pyro guide: q(z_gp) from the sparse GP, q(z_gauss) from the encoder. Returns the :class:`Posterior`."""
         pyro.module("spavae", self)
-        post = self.posterior(expression, locations)
+        batch = Batch(expression, locations, counts, size_factors, covariates)
+        post = self.posterior(expression, locations, covariates)
         with pyro.plate("spots", expression.shape[0]):
-            pyro.sample("z_gp", dist.Normal(post.mean[:, : self.n_gp], post.var[:, : self.n_gp].sqrt())
-                        .to_event(1).mask(False))
-            if self.n_gauss:
-                with poutine.scale(scale=beta):
-                    pyro.sample("z_gauss", dist.Normal(post.mean[:, self.n_gp:], post.var[:, self.n_gp:].sqrt())
-                                .to_event(1))
-        return post
-
-    def model(self, expression, locations, counts=None, size_factors=None, beta: float = 1.0) -> torch.Tensor:
-        """Pyro model: GP and standard-normal priors, decoder and NB likelihood. Returns the decoder mean."""
-        pyro.module("spavae", self)
-        n = locations.shape[0]
-        dtype, device = self.net_dtype, locations.device
-        if size_factors is None:
-            size_factors = torch.ones(n, dtype=dtype, device=device)
-        with pyro.plate("spots", n):
-            # marginal GP prior N(0, k(x, x)); the joint GP prior enters through the Pearce term instead
-            prior_sd = self.gp.covar_module(locations.to(self.gp_dtype), diag=True).sqrt().to(dtype)
-            z_gp = pyro.sample("z_gp", dist.Normal(torch.zeros_like(prior_sd).unsqueeze(-1).expand(n, self.n_gp),
-                                                   prior_sd.unsqueeze(-1).expand(n, self.n_gp)).to_event(1).mask(False))
+            z_gp = pyro.sample(GP_SITE, dist.Normal(post.mean[:, : self.n_gp], post.var[:, : self.n_gp].sqrt())
+                               .to_event(1).mask(False))
             parts = [z_gp]
             if self.n_gauss:
                 with poutine.scale(scale=beta):
-                    parts.append(pyro.sample("z_gauss", dist.Normal(torch.zeros(n, self.n_gauss, dtype=dtype, device=device),
-                                                                    1.0).to_event(1)))
-            mean = self.decoder(torch.cat(parts, dim=1))
-            pyro.sample("counts", self.likelihood(mean, size_factors), obs=counts)
-        return mean
+                    parts.append(pyro.sample(GAUSS_SITE, dist.Normal(post.mean[:, self.n_gp:],
+                                                                     post.var[:, self.n_gp:].sqrt()).to_event(1)))
+            z = self.decoder_input(torch.cat(parts, dim=1))
+            for observation in self.observations:
+                observation.guide(z, batch)
+        return post
+
+    def model(self, expression, locations, counts=None, size_factors=None, covariates=None, beta: float = 1.0) -> None:
+        """Pyro model: GP and Gaussian priors, decoders and the likelihood of every observation model."""
+        pyro.module("spavae", self)
+        n = locations.shape[0]
+        dtype = self.net_dtype
+        if size_factors is None:
+            size_factors = torch.ones(n, dtype=dtype, device=locations.device)
+        batch = Batch(expression, locations, counts, size_factors, covariates)
+        with pyro.plate("spots", n):
+            # marginal GP prior N(0, k(x, x)); the joint GP prior enters through the Pearce term instead
+            prior_var = self.gp.covar_module(locations.to(self.gp_dtype), diag=True).to(dtype)
+            prior_var = prior_var.T if prior_var.dim() == 2 else prior_var.unsqueeze(-1)  # per-dimension kernels: L x n
+            prior_sd = prior_var.expand(n, self.n_gp).sqrt()
+            parts = [pyro.sample(GP_SITE, dist.Normal(torch.zeros_like(prior_sd), prior_sd).to_event(1).mask(False))]
+            if self.n_gauss:
+                with poutine.scale(scale=beta):
+                    loc = self.gauss_prior_mean.to(dtype).expand(n, self.n_gauss)
+                    scale = self.gauss_prior_log_sd.to(dtype).exp().expand(n, self.n_gauss)
+                    parts.append(pyro.sample(GAUSS_SITE, dist.Normal(loc, scale).to_event(1)))
+            z = self.decoder_input(torch.cat(parts, dim=1))
+            for observation in self.observations:
+                observation.model(z, batch)
 
     def loss(self, batch: Batch, beta: float, *, num_samples: int = 1, noise: float = 0.0) -> LossOutput:
-        """Mini-batch loss: Pyro model/guide traces for NB and Gaussian KL, plus the Pearce GP term.
+        """Mini-batch loss: Pyro model/guide traces for the likelihoods and local KLs, plus the Pearce GP term.
 
         Parameters
         ----------
         batch
             The mini-batch.
         beta
-            Weight of both KL terms.
+            Weight of both KL terms of ``z``.
         num_samples
-            Monte-Carlo samples of ``z`` for the NB term (averaged).
+            Monte-Carlo samples of ``z`` for the likelihood (averaged).
         noise
             Standard deviation of the denoising-noise regulariser (ALGORITHM 4.7); 0 switches it off.
         """
-        nb = 0.0
+        reconstruction, kl_other = 0.0, 0.0
         for _ in range(num_samples):
             guide_trace = poutine.trace(self.guide).get_trace(*batch.args(), beta=beta)
             model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(*batch.args(), beta=beta)
-            site = model_trace.nodes["counts"]
-            nb = nb - site["fn"].log_prob(site["value"]).sum() / num_samples
+            for name, site in model_trace.nodes.items():
+                if site["type"] != "sample" or site_is_subsample(site):
+                    continue
+                if site["is_observed"]:
+                    reconstruction = reconstruction - site["fn"].log_prob(site["value"]).sum() / num_samples
+                elif name not in (GP_SITE, GAUSS_SITE):
+                    kl = kl_divergence(guide_trace.nodes[name]["fn"], site["fn"])
+                    kl_other = kl_other + kl.sum() / num_samples
         post: Posterior = guide_trace.nodes["_RETURN"]["value"]
-        if self.n_gauss:
-            kl_gauss = kl_divergence(guide_trace.nodes["z_gauss"]["fn"], model_trace.nodes["z_gauss"]["fn"]).sum()
-        else:
-            kl_gauss = nb.new_zeros(())
-        kl_gp = post.gp.kl_gp.to(nb.dtype)
-        noise_term = nb.new_zeros(())
+        zero = reconstruction.new_zeros(())
+        kl_gauss = (kl_divergence(guide_trace.nodes[GAUSS_SITE]["fn"], model_trace.nodes[GAUSS_SITE]["fn"]).sum()
+                    if self.n_gauss else zero)
+        kl_other = kl_other if torch.is_tensor(kl_other) else zero
+        kl_gp = post.gp.kl_gp.to(reconstruction.dtype)
+        noise_term = zero
         if noise > 0:
-            noise_term = self.noise_regularizer(batch, post, noise, num_samples) * (self.n_genes / self.n_gp)
-        loss = nb + beta * (kl_gp + kl_gauss) + noise_term
-        return LossOutput(loss, nb, kl_gp, kl_gauss, noise_term, post.gp.cross_entropy, post.gp.expected_log_lik
-                          - batch.locations.shape[0] / self.n_obs * post.gp.kl_u.sum(), batch.locations.shape[0])
+            noise_term = self.noise_regularizer(batch, post, noise, num_samples) * (self.n_input / self.n_gp)
+        loss = reconstruction + beta * (kl_gp + kl_gauss) + kl_other + noise_term
+        n = batch.locations.shape[0]
+        return LossOutput(loss, reconstruction, kl_gp, kl_gauss, kl_other, noise_term, post.gp.cross_entropy,
+                          post.gp.expected_log_lik - n / self.n_obs * post.gp.kl_u.sum(), n)
 
     def noise_regularizer(self, batch: Batch, post: Posterior, noise: float, num_samples: int = 1) -> torch.Tensor:
         r""":math:`R = \frac1S\sum_s\sum_{i,l\le L}(m_{il} - m'^{(s)}_{il})^2` with :math:`m'` from noisy input."""
         total = 0.0
         for _ in range(num_samples):
             noisy = batch.expression + noise * torch.randn_like(batch.expression)
-            omega, phi2 = self.encode(noisy)
+            omega, phi2 = self.encode(noisy, batch.covariates)
             noisy_mean = self.gp_posterior(batch.locations, omega, phi2).mean
             total = total + (post.gp.mean - noisy_mean).square().sum()
         return (total / num_samples).to(self.net_dtype)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
+import random
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -20,19 +24,23 @@ logger = logging.getLogger("spavae")
 
 @dataclass
 class TrainingData:
-    """All spots as tensors on the training device (encoder input, GP-dtype locations, counts, size factors)."""
+    """All spots as tensors on the training device (encoder input, GP-dtype locations, counts, size factors,
+    one-hot sections or ``None``)."""
 
     expression: torch.Tensor
     locations: torch.Tensor
     counts: torch.Tensor
     size_factors: torch.Tensor
+    covariates: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.expression.shape[0]
 
     def batch(self, index: torch.Tensor) -> Batch:
         """The mini-batch of the spots in ``index``."""
-        return Batch(self.expression[index], self.locations[index], self.counts[index], self.size_factors[index])
+        covariates = None if self.covariates is None else self.covariates[index]
+        return Batch(self.expression[index], self.locations[index], self.counts[index], self.size_factors[index],
+                     covariates)
 
 
 def auto_batch_size(n_spots: int) -> int:
@@ -88,12 +96,21 @@ class Trainer:
         Denoising-noise regulariser (0 = off).
     generator
         Random generator for the split and the shuffling.
+    lr_scheduler
+        ``None`` (constant learning rate, the original) or keyword arguments of
+        :class:`torch.optim.lr_scheduler.ReduceLROnPlateau` (``factor``, ``patience``, ``min_lr``, ...). It is
+        stepped once per epoch on the monitored loss: the validation loss, or the training loss without validation.
+    callbacks
+        Functions ``callback(trainer, record)`` called at the end of every completed epoch with that epoch's
+        history record, after the best weights and ``state.stop_reason`` are updated and before an early stop
+        restores the best weights (e.g. to write checkpoints or logs).
     """
 
     def __init__(self, module: SpaVAEModule, data: TrainingData, *, lr: float = 1e-3, weight_decay: float = 1e-6,
                  batch_size: int | str = "auto", train_size: float = 0.95, patience: int = 200,
                  beta: PIController | float = 10.0, num_samples: int = 1, noise: float = 0.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, lr_scheduler: dict | None = None,
+                 callbacks: Sequence[Callable[[Trainer, dict], None]] = ()):
         if batch_size == "auto":
             batch_size = auto_batch_size(len(data))
         if not isinstance(batch_size, int) or batch_size < 2:
@@ -113,7 +130,15 @@ class Trainer:
         self.drop_last = len(self.train_index) > batch_size
         self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
                                            weight_decay=weight_decay)
+        self.scheduler = (None if lr_scheduler is None
+                          else torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="min", **lr_scheduler))
+        self.callbacks = list(callbacks)
         self.state = TrainingState()
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether early stopping watches a validation set (at least two held-out spots)."""
+        return len(self.val_index) > 1
 
     @property
     def current_beta(self) -> float:
@@ -167,7 +192,7 @@ class Trainer:
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
         state = self.state
-        has_validation = len(self.val_index) > 1
+        has_validation = self.has_validation
         bar = tqdm(range(max_epochs), desc="spavae", disable=not progress, unit="epoch", leave=False)
         for _ in bar:
             start = time.perf_counter()
@@ -199,11 +224,68 @@ class Trainer:
                     state.epochs_without_improvement += 1
                     if state.epochs_without_improvement >= self.patience:
                         state.stop_reason = f"early stopping at epoch {state.epoch}"
-                        self.module.load_state_dict(state.best_state)
-                        logger.info("%s; restored the best weights of epoch %d", state.stop_reason, state.best_epoch)
-                        break
+            if self.scheduler is not None:
+                self.scheduler.step(monitored)
+            for callback in self.callbacks:
+                callback(self, record)
+            if state.stop_reason is not None:
+                self.module.load_state_dict(state.best_state)
+                logger.info("%s; restored the best weights of epoch %d", state.stop_reason, state.best_epoch)
+                break
         bar.close()
         return state.history
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue training exactly: weights, optimiser, scheduler, beta, RNGs and state.
+
+        The tensors are those of the live objects: serialise (``torch.save``) or deep-copy the result before
+        training on.
+        """
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "beta": self.beta.state_dict() if isinstance(self.beta, PIController) else float(self.beta),
+            "split": {"train": self.train_index.clone(), "validation": self.val_index.clone()},
+            "rng": {"generator": self.generator.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "numpy": np.random.get_state(), "python": random.getstate()},
+            "state": dataclasses.asdict(self.state),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` into this trainer (built with the same module layout and settings).
+
+        The global torch, NumPy and Python random states are restored too, so that the next epochs draw exactly
+        the numbers an uninterrupted run would have drawn.
+        """
+        split = state["split"]
+        if len(split["train"]) != len(self.train_index) or len(split["validation"]) != len(self.val_index):
+            raise ValueError(
+                f"the saved trainer split {len(split['train'])}/{len(split['validation'])} spots (train/validation) "
+                f"but this trainer has {len(self.train_index)}/{len(self.val_index)}: the data or train_size differ"
+            )
+        if (state["scheduler"] is None) != (self.scheduler is None):
+            raise ValueError("the saved trainer and this one differ in having a learning-rate scheduler")
+        if isinstance(state["beta"], dict) != isinstance(self.beta, PIController):
+            raise ValueError("the saved trainer and this one differ in using a dynamic (PI-controlled) beta")
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if isinstance(self.beta, PIController):
+            self.beta.load_state_dict(state["beta"])
+        else:
+            self.beta = state["beta"]
+        self.train_index, self.val_index = split["train"].clone(), split["validation"].clone()
+        rng = state["rng"]
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self.state = TrainingState(**copy.deepcopy(state["state"]))
 
     def _stop_on_nan(self, last_good: dict | None) -> None:
         state = self.state

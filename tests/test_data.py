@@ -139,7 +139,7 @@ def test_model_refuses_bad_anndata(toy):
     ({"n_gauss": -1}, "n_gauss must be a non-negative"),
     ({"kernel": "matern"}, "unknown kernel"),
     ({"dtype": "float16"}, "dtype must be one of"),
-    ({"inducing": "random"}, "inducing must be 'grid' or 'kmeans'"),
+    ({"inducing": "random"}, "inducing must be one of \\['grid', 'kmeans'\\]"),
     ({"inducing_steps": 0}, "inducing_steps must be a positive integer"),
     ({"inducing": "kmeans", "n_inducing": 500}, "n_inducing must be an integer between"),
     ({"gp_n_obs": "some"}, "gp_n_obs must be"),

@@ -6,7 +6,8 @@ import torch
 from scipy import stats
 
 from spavae.beta import PIController
-from spavae.likelihoods import NegativeBinomialLikelihood, nb_log_prob
+from spavae.likelihoods import NegativeBinomialObservation, nb_log_prob
+from spavae.model import Batch
 
 
 def test_nb_matches_scipy_and_the_epsilon_form():
@@ -22,7 +23,7 @@ def test_nb_matches_scipy_and_the_epsilon_form():
 
 
 def test_likelihood_module_uses_size_factors_and_gene_dispersion():
-    lik = NegativeBinomialLikelihood(3).double()
+    lik = NegativeBinomialObservation(3, 2).double()
     lik.raw_dispersion.data = torch.tensor([0.0, 1.0, 20.0], dtype=torch.float64)  # 20 is clamped to 15
     mean = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]], dtype=torch.float64)
     sf = torch.tensor([2.0, 0.5], dtype=torch.float64)
@@ -30,8 +31,9 @@ def test_likelihood_module_uses_size_factors_and_gene_dispersion():
     theta = np.exp([0.0, 1.0, 15.0])
     mu = mean.numpy() * sf.numpy()[:, None]
     expected = stats.nbinom.logpmf(counts.numpy(), theta, theta / (theta + mu)).sum(1)
-    np.testing.assert_allclose(lik(mean, sf).log_prob(counts).detach().numpy(), expected, rtol=1e-6)
-    assert lik(mean, sf).mean.detach().numpy() == pytest.approx(mu)
+    batch = Batch(None, None, counts, sf)
+    np.testing.assert_allclose(lik.distribution(mean, batch).log_prob(counts).detach().numpy(), expected, rtol=1e-6)
+    assert lik.distribution(mean, batch).mean.detach().numpy() == pytest.approx(mu)
 
 
 def test_controller_vectors_from_the_original():

@@ -7,7 +7,7 @@ import torch
 from pyro.infer import Predictive, TraceMeanField_ELBO
 
 from spavae.gp import CauchyKernel, SpatialGP
-from spavae.likelihoods import nb_log_prob
+from spavae.likelihoods import NegativeBinomialObservation, nb_log_prob
 from spavae.model import Batch, SpaVAEModule
 
 D = torch.float64
@@ -17,7 +17,8 @@ def make_module(n_genes=30, n_obs=500, n_gauss=3, seed=0):
     torch.manual_seed(seed)
     inducing = torch.cartesian_prod(torch.linspace(0, 20, 4, dtype=D), torch.linspace(0, 20, 4, dtype=D))
     gp = SpatialGP(inducing, 2, CauchyKernel(20.0), jitter=1e-10)
-    return SpaVAEModule(n_genes, gp, n_gauss, n_obs, encoder_layers=(16, 8), decoder_layers=(16,)).double()
+    observations = [NegativeBinomialObservation(n_genes, 2 + n_gauss, (16,))]
+    return SpaVAEModule(n_genes, gp, n_gauss, n_obs, observations, encoder_layers=(16, 8)).double()
 
 
 def make_batch(n=40, n_genes=30, seed=1):
@@ -53,7 +54,7 @@ def reference_loss(module, batch, beta, eps_gp, eps_gauss):
     kl_gp = ce - evidence
     kl_gauss = 0.5 * (phi2[:, 2:] + omega[:, 2:] ** 2 - 1 - phi2[:, 2:].log()).sum()
     z = torch.cat([m + bb.sqrt() * eps_gp, omega[:, 2:] + phi2[:, 2:].sqrt() * eps_gauss], 1)
-    nb = -nb_log_prob(batch.counts, module.decoder(z) * batch.size_factors[:, None], module.likelihood.theta).sum()
+    nb = -nb_log_prob(batch.counts, module.decoder(z) * batch.size_factors[:, None], module.observations[0].theta()).sum()
     return nb + beta * (kl_gp + kl_gauss), nb, kl_gp, kl_gauss
 
 
@@ -119,5 +120,6 @@ def test_predictive_draws_counts_from_model_and_guide():
 
 def test_parameter_count_of_the_original_architecture():
     inducing = torch.zeros(49, 2, dtype=D)
-    module = SpaVAEModule(3000, SpatialGP(inducing, 2, CauchyKernel(20.0)), 8, 3639)
+    module = SpaVAEModule(3000, SpatialGP(inducing, 2, CauchyKernel(20.0)), 8, 3639,
+                          [NegativeBinomialObservation(3000, 10)])
     assert sum(p.numel() for p in module.parameters() if p.requires_grad) == 785_733

@@ -1,6 +1,6 @@
 """The Gaussian-process half: spaVAE kernels and the GPyTorch sparse variational GP."""
 
-from spavae.gp.kernels import CauchyKernel, EQKernel, make_kernel
+from spavae.gp.kernels import CauchyKernel, EQKernel, SectionKernel, make_kernel
 from spavae.gp.svgp import (
     BatchOptimalVariationalDistribution,
     BatchOptimalVariationalStrategy,
@@ -15,6 +15,7 @@ __all__ = [
     "CauchyKernel",
     "EQKernel",
     "GPBatchTerms",
+    "SectionKernel",
     "SpatialGP",
     "gauss_cross_entropy",
     "make_kernel",

@@ -13,8 +13,10 @@ the scale is exactly ``scale`` and not trained.
 
 from __future__ import annotations
 
+import copy
+
 import torch
-from gpytorch.kernels import Kernel
+from gpytorch.kernels import Kernel, MaternKernel
 
 SCALE_MIN, SCALE_MAX = 1e-10, 1e4
 
@@ -66,13 +68,75 @@ class EQKernel(_SquaredDistanceKernel):
         return torch.exp(-scaled_sq_dist)
 
 
-KERNELS = {"cauchy": CauchyKernel, "eq": EQKernel, "rbf": EQKernel}
+class SectionKernel(Kernel):
+    r"""Spatial kernel times a same-section indicator, for several sections in one model (spaVAE_Batch, ALGORITHM 2.3).
+
+    Inputs are ``[x, y, e_1..e_B]`` with ``e`` the one-hot section. The covariance is
+    :math:`k(x, x') = \sum_b e_b e'_b \, k_b(\mathrm{pos}, \mathrm{pos}')`: zero across sections, and within
+    section ``b`` the spatial kernel ``k_b``. With ``per_section=True`` every section has its own copy of the
+    spatial kernel (the original's per-batch kernel scale); otherwise one kernel is shared.
+
+    Parameters
+    ----------
+    spatial
+        A kernel on the two location columns (e.g. :class:`CauchyKernel`).
+    n_sections
+        Number of sections ``B``.
+    per_section
+        Give each section its own copy of ``spatial`` (own hyperparameters).
+    """
+
+    def __init__(self, spatial: Kernel, n_sections: int, *, per_section: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        if n_sections < 1:
+            raise ValueError(f"n_sections must be >= 1, got {n_sections}")
+        self.n_sections = n_sections
+        self.spatials = torch.nn.ModuleList(
+            [copy.deepcopy(spatial) for _ in range(n_sections)] if per_section else [spatial])
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, diag: bool = False, **params) -> torch.Tensor:
+        pos1, pos2, sec1, sec2 = x1[..., :2], x2[..., :2], x1[..., 2:], x2[..., 2:]
+        if sec1.shape[-1] != self.n_sections:
+            raise ValueError(f"inputs must be [x, y, one-hot of {self.n_sections} sections], got width {x1.shape[-1]}")
+        total = 0.0
+        for b in range(self.n_sections):
+            kernel = self.spatials[b % len(self.spatials)]
+            spatial = kernel.forward(pos1, pos2, diag=diag, **params)
+            same = sec1[..., b] * sec2[..., b] if diag else sec1[..., b].unsqueeze(-1) * sec2[..., b].unsqueeze(-2)
+            total = total + same * spatial
+        return total
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        """Scales of the spatial kernels, one per section (``None`` if they have none)."""
+        scales = [getattr(k, "scale", None) for k in self.spatials]
+        return None if any(s is None for s in scales) else torch.stack([s.reshape(-1) for s in scales]).reshape(-1)
 
 
-def make_kernel(kernel: str | Kernel = "cauchy", *, scale: float = 20.0, fixed: bool = False) -> Kernel:
-    """A kernel by name (``'cauchy'``, ``'eq'``/``'rbf'``), or any GPyTorch kernel passed through as is."""
+def _matern(nu: float):
+    def build(scale: float, fixed: bool = False, batch_shape: torch.Size = torch.Size([])) -> Kernel:
+        kernel = MaternKernel(nu=nu, batch_shape=batch_shape)
+        kernel.lengthscale = scale
+        if fixed:
+            kernel.raw_lengthscale.requires_grad_(False)
+        return kernel
+    return build
+
+
+KERNELS = {"cauchy": CauchyKernel, "eq": EQKernel, "rbf": EQKernel, "matern12": _matern(0.5),
+           "matern32": _matern(1.5), "matern52": _matern(2.5)}
+
+
+def make_kernel(kernel: str | Kernel = "cauchy", *, scale: float = 20.0, fixed: bool = False,
+                batch_shape: torch.Size = torch.Size([])) -> Kernel:
+    """A kernel by name, or any GPyTorch kernel passed through as is.
+
+    Names: ``'cauchy'``, ``'eq'``/``'rbf'`` (scale ``s`` as in the original), and ``'matern12'``, ``'matern32'``,
+    ``'matern52'`` (GPyTorch's ``MaternKernel`` with lengthscale ``scale``). ``batch_shape = [L]`` gives one set of
+    hyperparameters per GP dimension.
+    """
     if isinstance(kernel, Kernel):
         return kernel
     if not isinstance(kernel, str) or kernel.lower() not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; use one of {sorted(KERNELS)} or pass a gpytorch Kernel")
-    return KERNELS[kernel.lower()](scale, fixed=fixed)
+    return KERNELS[kernel.lower()](scale, fixed=fixed, batch_shape=batch_shape)

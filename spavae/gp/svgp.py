@@ -29,7 +29,7 @@ from gpytorch.likelihoods import FixedNoiseGaussianLikelihood
 from gpytorch.means import ZeroMean
 from gpytorch.models import ApproximateGP
 from gpytorch.utils.memoize import cached
-from gpytorch.variational import UnwhitenedVariationalStrategy, _VariationalDistribution
+from gpytorch.variational import CholeskyVariationalDistribution, UnwhitenedVariationalStrategy, _VariationalDistribution
 from linear_operator.operators import DiagLinearOperator, RootLinearOperator
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -203,6 +203,11 @@ class SpatialGP(ApproximateGP):
         Train the inducing locations (the original keeps them fixed).
     jitter
         Diagonal jitter added before each Cholesky factorisation (the original uses 1e-8 in float64).
+    variational
+        ``'closed_form'`` (spaVAE): q(u) is the optimum for each batch of encoder outputs, so the GP posterior is
+        amortised through the encoder. ``'learned'``: an ordinary GPyTorch ``CholeskyVariationalDistribution``
+        learned as a global parameter; the GP dimensions then become a smooth function of location alone and the
+        encoder's GP outputs no longer shape z (they still enter the logged Hensman/Pearce terms, which cancel).
     """
 
     def __init__(
@@ -213,11 +218,16 @@ class SpatialGP(ApproximateGP):
         *,
         learn_inducing_locations: bool = False,
         jitter: float = 1e-8,
+        variational: str = "closed_form",
     ):
         if n_latent < 1:
             raise ValueError(f"the GP needs at least one latent dimension, got {n_latent}")
+        if variational not in ("closed_form", "learned"):
+            raise ValueError(f"variational must be 'closed_form' or 'learned', got {variational!r}")
         inducing_points = torch.as_tensor(inducing_points)
-        q_u = BatchOptimalVariationalDistribution(inducing_points.shape[0], torch.Size([n_latent]))
+        distribution = (BatchOptimalVariationalDistribution if variational == "closed_form"
+                        else CholeskyVariationalDistribution)
+        q_u = distribution(inducing_points.shape[0], torch.Size([n_latent]))
         strategy = BatchOptimalVariationalStrategy(
             self, inducing_points, q_u, learn_inducing_locations=learn_inducing_locations, jitter_val=jitter
         )
@@ -226,7 +236,7 @@ class SpatialGP(ApproximateGP):
             from spavae.gp.kernels import CauchyKernel
 
             kernel = CauchyKernel()
-        self.n_latent = n_latent
+        self.n_latent, self.variational = n_latent, variational
         self.mean_module = ZeroMean()
         self.covar_module = kernel
         self.likelihood = FixedNoiseGaussianLikelihood(noise=torch.ones(1), learn_additional_noise=False)
@@ -237,8 +247,10 @@ class SpatialGP(ApproximateGP):
     def condition_on(self, x: torch.Tensor, omega: torch.Tensor, phi2: torch.Tensor, n_obs: float) -> None:
         """Set :math:`q(u)` from encoder outputs ``omega``, ``phi2`` (``b x L``) at locations ``x`` (``b x 2``).
 
-        ``n_obs`` is the :math:`N` of the :math:`N/b` rescaling.
+        ``n_obs`` is the :math:`N` of the :math:`N/b` rescaling. A learned q(u) is global: nothing to do.
         """
+        if self.variational == "learned":
+            return
         self.variational_strategy.condition(x, omega.T, phi2.T, float(n_obs) / x.shape[0])
 
     def marginals(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
