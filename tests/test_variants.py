@@ -246,3 +246,21 @@ def test_variant_presets_and_errors(small_adata):
         spavae.SpaVAE(one, batch_key="section")
     with pytest.raises(ValueError, match="variational must be"):
         SpatialGP(torch.zeros(4, 2), 2, variational="free")
+
+
+@pytest.mark.parametrize("script,args", [
+    ("svg_spaldvae.py", ["--epochs", "2", "--permutations", "1"]),
+    ("batch_integration.py", ["--epochs", "2"]),
+    ("atac_peaks.py", ["--epochs", "2"]),
+    ("rna_protein.py", ["--epochs", "2", "--figure", "fig.png"]),
+    ("kernel_swap.py", ["--epochs", "1"]),
+])
+def test_variant_examples_run(script, args, tmp_path, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "variants" / script
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(path), *args])
+    runpy.run_path(str(path), run_name="__main__")
