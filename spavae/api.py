@@ -387,7 +387,9 @@ class SpaVAE:
                      covariates)
 
     @torch.no_grad()
-    def _encode_all(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_all(self, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder means and variances of every training spot (``n_obs x D``), in eval mode and in chunks."""
+        batch_size = batch_size or auto_batch_size(len(self.data))
         self.module.eval()
         outs = [self.module.encode(b.expression, b.covariates)
                 for b in (self._batch(slice(i, i + batch_size)) for i in range(0, len(self.data), batch_size))]
@@ -410,7 +412,7 @@ class SpaVAE:
         if mode not in ("full", "chunked"):
             raise ValueError(f"mode must be 'full' or 'chunked', got {mode!r}")
         batch_size = batch_size or auto_batch_size(len(self.data))
-        omega, phi2 = self._encode_all(batch_size)
+        omega, phi2 = self.encode_all(batch_size)
         self.module.eval()
         n_gp, locs = self.module.n_gp, self.data.locations
         means, variances = [], []
@@ -433,7 +435,7 @@ class SpaVAE:
 
     @torch.no_grad()
     def get_denoised_counts(self, *, n_samples: int = 25, library_size: str = "observed", mode: str = "full",
-                            batch_size: int | None = None, modality: str = "genes") -> np.ndarray:
+                            batch_size: int | None = None, modality: str = "genes", seed: int = 0) -> np.ndarray:
         """Denoised values: the decoder output averaged over ``n_samples`` draws of ``q(z)``.
 
         Parameters
@@ -446,8 +448,10 @@ class SpaVAE:
         mode, batch_size
             As in :meth:`latent_posterior`.
         modality
-            ``'genes'`` (or peaks: the probabilities ``h`` of spaPeakVAE, without spot and peak factors) or
-            ``'proteins'`` (foreground counts ``(1 - pi~)(1 + alpha) v`` of spaMultiVAE).
+            ``'genes'`` (or peaks: the probabilities ``h`` of spaPeakVAE, without spot and peak factors; always on
+            the normalised scale) or ``'proteins'`` (foreground counts ``(1 - pi~)(1 + alpha) v`` of spaMultiVAE).
+        seed
+            Seed of the latent draws (the same seed gives the same result).
         """
         if library_size not in ("observed", "normalized"):
             raise ValueError(f"library_size must be 'observed' or 'normalized', got {library_size!r}")
@@ -457,17 +461,12 @@ class SpaVAE:
         if observation is None or observation >= len(self.module.observations):
             raise ValueError(f"modality must be 'genes' or, for a model with proteins, 'proteins'; got {modality!r}")
         mean, var = self.latent_posterior(mode=mode, batch_size=batch_size)
-        batch_size = batch_size or auto_batch_size(len(self.data))
-        scale = (library_size == "observed" and observation == 0
-                 and isinstance(self.module.observations[0], NegativeBinomialObservation))
-        out = []
-        for start in range(0, len(mean), batch_size):
-            rows = slice(start, start + batch_size)
-            m, sd, batch = mean[rows], var[rows].sqrt(), self._batch(rows)
-            draws = sum(self.module.denoise(m + sd * torch.randn_like(m), batch, observation)
-                        for _ in range(n_samples)) / n_samples
-            out.append(draws * batch.size_factors[:, None] if scale else draws)
-        return torch.cat(out).cpu().numpy()
+        out = self.module.decode_posterior(mean, var, covariates=self.data.covariates, n_samples=n_samples,
+                                           batch_size=batch_size or auto_batch_size(len(self.data)), seed=seed,
+                                           observation=observation)
+        if library_size == "observed" and isinstance(self.module.observations[observation], NegativeBinomialObservation):
+            out = out * self.data.size_factors[:, None]
+        return out.cpu().numpy()
 
     def write_results(self, adata: ad.AnnData, *, key_added: str = "spavae", denoise: bool = True,
                       n_samples: int = 25) -> None:

@@ -197,6 +197,50 @@ class SpaVAEModule(nn.Module):
         """Denoised signal of one observation model at latent values ``z`` (normalised scale)."""
         return self.observations[observation].denoise(self.decoder_input(z), batch)
 
+    @torch.no_grad()
+    def decode_posterior(self, mean: torch.Tensor, var: torch.Tensor, *, covariates: torch.Tensor | None = None,
+                         n_samples: int = 25, average: bool = True, batch_size: int = 512, seed: int = 0,
+                         observation: int = 0) -> torch.Tensor:
+        """Denoised values at draws :math:`z \\sim N(\\mathrm{mean}, \\mathrm{var})`, on the normalised scale.
+
+        Each draw goes through :meth:`denoise` of one observation model (log-normal latents are exponentiated).
+
+        Parameters
+        ----------
+        mean, var
+            ``n x D`` posterior means and variances of the latent.
+        covariates
+            ``n x B`` one-hot sections of the rows for a multi-section model (``None`` otherwise).
+        n_samples
+            Latent draws per row.
+        average
+            Return the average over draws (``n x G``) instead of every draw (``n_samples x n x G``).
+        batch_size
+            Rows decoded at once (bounds the memory).
+        seed
+            Seed of the latent draws (a private generator: the global torch RNG is left alone).
+        observation
+            Which observation model (0: genes or peaks; 1: proteins of a spaMultiVAE model).
+        """
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        if mean.shape != var.shape or mean.ndim != 2 or mean.shape[1] != self.n_latent:
+            raise ValueError(f"mean and var must both be n x {self.n_latent}, got {tuple(mean.shape)} and "
+                             f"{tuple(var.shape)}")
+        self.eval()
+        dtype = self.net_dtype
+        mean, sd = mean.to(dtype), var.to(dtype).clamp_min(0.0).sqrt()
+        generator = torch.Generator(device=mean.device).manual_seed(seed)
+        chunks = []
+        for start in range(0, len(mean), batch_size):
+            rows = slice(start, start + batch_size)
+            m, s = mean[rows], sd[rows]
+            batch = Batch(None, None, None, None, None if covariates is None else covariates[rows])
+            draws = [self.denoise(m + s * torch.randn(m.shape, generator=generator, dtype=dtype, device=m.device),
+                                  batch, observation) for _ in range(n_samples)]
+            chunks.append(sum(draws) / n_samples if average else torch.stack(draws))
+        return torch.cat(chunks, dim=-2)
+
     def guide(self, expression, locations, counts=None, size_factors=None, covariates=None, beta: float = 1.0) -> Posterior:
         """Pyro guide: q(z_gp) from the sparse GP, q(z_gauss) from the encoder. Returns the :class:`Posterior`."""
         pyro.module("spavae", self)

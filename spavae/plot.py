@@ -37,10 +37,7 @@ def plot_spatial_domains(locations: np.ndarray, domains, path: str | os.PathLike
     size = max(2.0, 12000.0 / len(locations))
     for ax, (labels, name) in zip(axes[0], panels):
         _scatter(ax, locations, labels, name, size)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    _save(fig, path, dpi=120)
 
 
 def plot_training_curves(history: pd.DataFrame, path: str | os.PathLike) -> None:
@@ -53,7 +50,119 @@ def plot_training_curves(history: pd.DataFrame, path: str | os.PathLike) -> None
         ax.set_title(name), ax.set_xlabel("epoch"), ax.legend()
     axes[2].plot(history["epoch"], history["beta"])
     axes[2].set_title("beta"), axes[2].set_xlabel("epoch")
+    _save(fig, path)
+
+
+def _save(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Write ``fig`` as a PNG atomically and close it."""
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=dpi, format="png")
     plt.close(fig)
+
+
+def _value_panel(fig, ax, locations: np.ndarray, values: np.ndarray, title: str, size: float, *,
+                 log: bool = True) -> None:
+    """One panel of a value (``log1p`` by default) coloured at the spot locations, with a colour bar."""
+    points = ax.scatter(locations[:, 0], locations[:, 1], c=np.log1p(values) if log else values, s=size,
+                        cmap="viridis", linewidths=0)
+    fig.colorbar(points, ax=ax, shrink=0.7, label="log1p" if log else None)
+    ax.set_title(title, fontsize=9)
+    ax.set_aspect("equal"), ax.invert_yaxis(), ax.set_xticks([]), ax.set_yticks([])
+
+
+def plot_embedding(embedding: np.ndarray, labels, path: str | os.PathLike, *, title: str = "latent UMAP") -> None:
+    """Save a PNG of a 2-D embedding (e.g. ``obsm['X_umap']`` from :func:`spavae.analysis.umap`) coloured by labels.
+
+    ``'NA'`` labels are drawn in light grey.
+    """
+    embedding = np.asarray(embedding, dtype=float)
+    if embedding.ndim != 2 or embedding.shape[1] != 2:
+        raise ValueError(f"embedding must be n x 2, got shape {embedding.shape}")
+    fig, ax = plt.subplots(figsize=(6.0, 4.8))
+    _scatter(ax, embedding, labels, title, max(2.0, 8000.0 / len(embedding)))
+    ax.invert_yaxis()  # _scatter flips y for tissue images; an embedding keeps its orientation
+    ax.set_aspect("auto")
+    _save(fig, path)
+
+
+def plot_marker_genes(locations: np.ndarray, raw: np.ndarray, denoised: np.ndarray, genes, path: str | os.PathLike,
+                      *, titles: tuple[str, str] = ("raw", "denoised")) -> None:
+    """Save a PNG with one column per gene: ``log1p`` of the raw (top) and denoised (bottom) values at the spots.
+
+    Parameters
+    ----------
+    locations
+        ``n x 2`` spot coordinates.
+    raw, denoised
+        ``n x len(genes)`` values on the same scale (e.g. counts divided by the size factors).
+    genes
+        Gene names (column titles).
+    path
+        Output PNG.
+    titles
+        Row labels.
+    """
+    locations, genes = np.asarray(locations, dtype=float), list(genes)
+    raw, denoised = np.asarray(raw, dtype=float), np.asarray(denoised, dtype=float)
+    if raw.shape != denoised.shape or raw.shape != (len(locations), len(genes)):
+        raise ValueError(f"raw {raw.shape} and denoised {denoised.shape} must both be n_spots x n_genes = "
+                         f"{(len(locations), len(genes))}")
+    fig, axes = plt.subplots(2, len(genes), figsize=(3.2 * len(genes), 6.0), squeeze=False)
+    size = max(1.0, 6000.0 / len(locations))
+    for column, gene in enumerate(genes):
+        for row, (values, name) in enumerate(zip((raw, denoised), titles)):
+            _value_panel(fig, axes[row, column], locations, values[:, column], f"{gene} ({name})", size)
+    _save(fig, path)
+
+
+def plot_gene_spatial(panels: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike, *, gene: str,
+                      log: bool = True) -> None:
+    """Save a PNG of one gene in space, one panel per entry of ``panels`` (e.g. raw / denoised / enhanced).
+
+    Parameters
+    ----------
+    panels
+        Panel title to ``(locations, values)``: ``n x 2`` coordinates and ``n`` values. The panels may have
+        different points (spots and the ``5N`` enhanced sub-spots); the marker size shrinks with their density.
+    path
+        Output PNG.
+    gene
+        Gene name for the titles.
+    log
+        Colour by ``log1p`` of the values.
+    """
+    if not panels:
+        raise ValueError("panels is empty: give at least one 'title': (locations, values)")
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    for ax, (name, (locations, values)) in zip(axes[0], panels.items()):
+        locations, values = np.asarray(locations, dtype=float), np.asarray(values, dtype=float).ravel()
+        if locations.shape != (len(values), 2):
+            raise ValueError(f"panel '{name}': locations {locations.shape} do not match {len(values)} values")
+        _value_panel(fig, ax, locations, values, f"{gene}: {name} ({len(values)} points)",
+                     float(np.clip(80000.0 / len(values), 0.3, 60.0)), log=log)
+    _save(fig, path)
+
+
+def plot_volcano(table: pd.DataFrame, path: str | os.PathLike, *, lfc_key: str = "LFC",
+                 score_key: str = "bayes_factor", n_labels: int = 10, title: str = "differential expression") -> None:
+    """Save a volcano plot of a :func:`spavae.analysis.differential_expression` table.
+
+    x is the log2 fold change, y the log Bayes factor of DE; the ``n_labels`` genes with the largest score
+    (ties broken by ``|LFC|``) are named. Genes with ``prob_DE >= 0.8`` (when the column exists) are coloured.
+    """
+    missing = [k for k in (lfc_key, score_key) if k not in table]
+    if missing:
+        raise KeyError(f"table has no column(s) {missing}; columns: {list(table.columns)}")
+    lfc, score = table[lfc_key].to_numpy(float), table[score_key].to_numpy(float)
+    called = table["prob_DE"].to_numpy() >= 0.8 if "prob_DE" in table else np.zeros(len(table), bool)
+    fig, ax = plt.subplots(figsize=(6.0, 4.8))
+    ax.scatter(lfc[~called], score[~called], s=6, color="lightgrey", linewidths=0, label="prob_DE < 0.8")
+    ax.scatter(lfc[called], score[called], s=8, color="tab:red", linewidths=0, label="prob_DE >= 0.8")
+    top = np.lexsort((-np.abs(lfc), -score))[:n_labels]
+    for i in top:
+        ax.annotate(str(table.index[i]), (lfc[i], score[i]), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.axvline(0.0, color="black", linewidth=0.5)
+    ax.set_xlabel(f"{lfc_key} (log2)"), ax.set_ylabel(score_key), ax.set_title(title)
+    ax.legend(fontsize=7, frameon=False)
+    _save(fig, path)

@@ -48,19 +48,24 @@ def test_history_records_losses_beta_and_scale(small_adata):
     assert (fixed.history["beta"] == 3.0).all()
 
 
-def test_nan_loss_never_overwrites_the_best_weights(small_adata):
-    model = spavae.SpaVAE(small_adata, device="cpu")
-    trainer = Trainer(model.module, model.data, patience=50, generator=torch.Generator().manual_seed(0))
-    trainer.fit(2, progress=False)
-    best = {k: v.clone() for k, v in trainer.state.best_state.items()}
-    real_loss = model.module.loss
+def poison_loss(module) -> None:
+    """Make every later loss of ``module`` NaN."""
+    real_loss = module.loss
 
     def poisoned(*args, **kwargs):
         out = real_loss(*args, **kwargs)
         out.loss = out.loss * float("nan")
         return out
 
-    model.module.loss = poisoned
+    module.loss = poisoned
+
+
+def test_nan_loss_never_overwrites_the_best_weights(small_adata):
+    model = spavae.SpaVAE(small_adata, device="cpu")
+    trainer = Trainer(model.module, model.data, patience=50, generator=torch.Generator().manual_seed(0))
+    trainer.fit(2, progress=False)
+    best = {k: v.clone() for k, v in trainer.state.best_state.items()}
+    poison_loss(model.module)
     with pytest.warns(RuntimeWarning, match="non-finite loss in epoch 3.*restored the weights of epoch"):
         trainer.fit(5, progress=False)
     assert len(trainer.state.history) == 2
@@ -70,14 +75,7 @@ def test_nan_loss_never_overwrites_the_best_weights(small_adata):
 
 def test_nan_before_any_good_epoch_is_a_clear_error(small_adata):
     model = spavae.SpaVAE(small_adata, device="cpu")
-    real_loss = model.module.loss
-
-    def poisoned(*args, **kwargs):
-        out = real_loss(*args, **kwargs)
-        out.loss = out.loss * float("nan")
-        return out
-
-    model.module.loss = poisoned
+    poison_loss(model.module)
     with pytest.raises(FloatingPointError, match="lower learning rate"):
         model.train(max_epochs=3, progress=False)
 
@@ -111,9 +109,9 @@ def test_latent_modes_denoising_and_results_in_adata(small_adata):
     np.testing.assert_allclose(full[:, 2:], chunked[:, 2:], rtol=1e-5)  # encoder means do not depend on chunks
     one_chunk = model.get_latent_representation(mode="chunked", batch_size=small_adata.n_obs)
     np.testing.assert_allclose(one_chunk, full, rtol=1e-5, atol=1e-6)  # b = N: the same exact posterior
-    torch.manual_seed(0)
     observed = model.get_denoised_counts(n_samples=3)
-    torch.manual_seed(0)
+    np.testing.assert_array_equal(observed, model.get_denoised_counts(n_samples=3))  # seeded: reproducible
+    assert not np.array_equal(observed, model.get_denoised_counts(n_samples=3, seed=1))
     normalized = model.get_denoised_counts(n_samples=3, library_size="normalized")
     np.testing.assert_allclose(observed, normalized * model.size_factors[:, None], rtol=1e-4)
     assert (observed > 0).all()

@@ -148,6 +148,12 @@ class LocationScaler:
             raise RuntimeError("LocationScaler.fit must be called before transform")
         return (np.asarray(locations, dtype=np.float64) - self.minimum) / self.span * self.loc_range
 
+    def inverse_transform(self, scaled: np.ndarray) -> np.ndarray:
+        """Map scaled locations back to the original coordinates."""
+        if self.minimum is None:
+            raise RuntimeError("LocationScaler.fit must be called before inverse_transform")
+        return self.minimum + np.asarray(scaled, dtype=np.float64) / self.loc_range * self.span
+
     def fit_transform(self, locations: np.ndarray) -> np.ndarray:
         """Fit then transform."""
         return self.fit(locations).transform(locations)

@@ -1,0 +1,159 @@
+"""Spatial domains from the latent: KMeans or Leiden (resolution searched), refinement and scores (ALGORITHM 7.6)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import igraph
+import leidenalg
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from sklearn.neighbors import kneighbors_graph
+
+from spavae.analysis._common import obsm_array, spot_coordinates
+from spavae.analysis.clustering import NEIGHBOURS, cluster_kmeans, refine_labels, score_clustering
+
+METHODS = ("kmeans", "leiden")
+
+
+def _leiden(graph: igraph.Graph, resolution: float, seed: int) -> np.ndarray:
+    partition = leidenalg.find_partition(graph, leidenalg.RBConfigurationVertexPartition, weights="weight",
+                                         resolution_parameter=resolution, n_iterations=-1, seed=seed)
+    return np.asarray(partition.membership)
+
+
+def latent_graph(latent: np.ndarray, n_neighbors: int = 20) -> igraph.Graph:
+    """Undirected kNN graph of the latent rows (an edge when either row is among the other's nearest)."""
+    latent = np.asarray(latent, dtype=np.float64)
+    if not 1 <= n_neighbors < len(latent):
+        raise ValueError(f"n_neighbors must be between 1 and n_spots - 1 = {len(latent) - 1}, got {n_neighbors}")
+    knn = kneighbors_graph(latent, n_neighbors, include_self=False)
+    upper = sparse.triu(((knn + knn.T) > 0).astype(np.float64), k=1).tocoo()
+    graph = igraph.Graph(n=len(latent), edges=list(zip(upper.row.tolist(), upper.col.tolist())))
+    graph.es["weight"] = upper.data.tolist()
+    return graph
+
+
+def _search_resolution(graph: igraph.Graph, n_domains: int, seed: int, max_runs: int,
+                       history: list[tuple[float, int, int]]) -> tuple[np.ndarray, float] | None:
+    """Double an upper bound on the resolution until it gives ``n_domains`` or more clusters, then bisect."""
+
+    def run(resolution: float) -> tuple[np.ndarray, int]:
+        labels = _leiden(graph, resolution, seed)
+        history.append((resolution, seed, int(labels.max() + 1)))
+        return labels, history[-1][2]
+
+    low, high = 0.0, 1.0
+    labels, found = run(high)
+    for _ in range(max_runs):
+        if found == n_domains:
+            return labels, history[-1][0]
+        if high - low < 1e-4:
+            return None  # the count jumps over n_domains here
+        if found < n_domains and history[-1][0] == high:
+            low, high = high, 2 * high
+            labels, found = run(high)
+        else:
+            middle = (low + high) / 2
+            labels, found = run(middle)
+            low, high = (middle, high) if found < n_domains else (low, middle)
+    return None
+
+
+def leiden_n_domains(latent: np.ndarray, n_domains: int, *, n_neighbors: int = 20, seed: int = 0,
+                     n_seeds: int = 5, max_runs: int = 40) -> tuple[np.ndarray, float, int]:
+    """Leiden clustering of the latent with the resolution searched to give exactly ``n_domains`` clusters.
+
+    The number of Leiden clusters grows with the resolution, though not strictly: it can jump over the
+    wanted number. The search doubles an upper bound until it is reached, then bisects (at most ``max_runs``
+    Leiden runs); when the count jumps over ``n_domains`` it starts again with the next Leiden seed, up to
+    ``n_seeds`` seeds. The original instead adds 0.001 to a Louvain resolution until the count is reached or
+    passed, which needs hundreds of runs and may overshoot.
+
+    Returns
+    -------
+    ``(labels, resolution, seed)``: the labels ``0..n_domains-1`` and the resolution and Leiden seed that gave them.
+    """
+    if not 2 <= n_domains < len(latent):
+        raise ValueError(f"n_domains must be between 2 and n_spots - 1, got {n_domains}")
+    graph = latent_graph(latent, n_neighbors)
+    history: list[tuple[float, int, int]] = []  # (resolution, seed, number of clusters) of every run
+    for leiden_seed in range(seed, seed + n_seeds):
+        found = _search_resolution(graph, n_domains, leiden_seed, max_runs, history)
+        if found is not None:
+            return found[0], found[1], leiden_seed
+    counts = sorted({c for _, _, c in history})
+    raise ValueError(f"no Leiden resolution gave {n_domains} domains with seeds {seed}..{seed + n_seeds - 1} "
+                     f"(cluster counts seen: {counts}); try other n_neighbors, more n_seeds, or method='kmeans'")
+
+
+def find_domains(adata: ad.AnnData, n_domains: int, *, method: str = "kmeans", use_rep: str = "X_spavae",
+                 refine: str | None = None, spatial_key: str = "spatial", visium_array: bool = False,
+                 truth_key: str | None = None, unlabeled: str = "NA", n_neighbors: int = 20, n_init: int = 100,
+                 seed: int = 0, key_added: str = "spavae_domains", copy: bool = False) -> ad.AnnData | None:
+    """Cluster the latent into ``n_domains`` spatial domains and write them to ``adata.obs[key_added]``.
+
+    Parameters
+    ----------
+    adata
+        AnnData with the latent in ``obsm[use_rep]`` (e.g. after :meth:`~spavae.SpaVAE.write_results`).
+    n_domains
+        Number of domains wanted.
+    method
+        * ``'kmeans'``: KMeans with ``n_init`` restarts (the original's default for DLPFC);
+        * ``'leiden'``: Leiden on a ``n_neighbors``-NN graph of the latent, resolution searched by
+          :func:`leiden_n_domains` to give exactly ``n_domains`` clusters.
+    use_rep
+        ``obsm`` key of the latent.
+    refine
+        ``None``, ``'hexagon'`` (Visium) or ``'square'`` (ST): the neighbour-majority refinement of
+        :func:`~spavae.analysis.refine_labels` on ``obsm[spatial_key]``. The unrefined labels are kept in
+        ``obs[key_added + '_unrefined']``.
+    spatial_key, visium_array
+        Coordinates for the refinement; with ``visium_array`` they are Visium ``(array_row, array_col)`` and
+        are mapped to the hexagonal lattice first.
+    truth_key
+        Optional ``obs`` column with reference labels: ARI/NMI (spots labelled ``unlabeled`` left out) go to
+        ``adata.uns[key_added]['scores']``.
+    unlabeled
+        The reference label of unannotated spots.
+    n_neighbors, n_init, seed
+        Leiden graph size, KMeans restarts, and the seed of both.
+    key_added
+        ``obs`` column of the domains; parameters (and the Leiden resolution and seed used) go to
+        ``uns[key_added]``.
+    copy
+        Work on and return a copy of ``adata``.
+
+    Returns
+    -------
+    The copy when ``copy=True``, else ``None``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if refine is not None and refine not in NEIGHBOURS:
+        raise ValueError(f"refine must be None or one of {sorted(NEIGHBOURS)}, got {refine!r}")
+    if truth_key is not None and truth_key not in adata.obs:
+        raise KeyError(f"adata.obs has no column '{truth_key}'; columns: {list(adata.obs.columns)}")
+    latent = obsm_array(adata, use_rep, hint="the latent; write it with model.write_results(adata)")
+    adata = adata.copy() if copy else adata
+    info: dict = {"params": {"n_domains": n_domains, "method": method, "use_rep": use_rep, "refine": refine,
+                             "visium_array": visium_array, "n_neighbors": n_neighbors, "n_init": n_init,
+                             "seed": seed}}
+    if method == "kmeans":
+        labels = cluster_kmeans(latent, n_domains, n_init=n_init, seed=seed)
+    else:
+        labels, info["resolution"], info["leiden_seed"] = leiden_n_domains(latent, n_domains,
+                                                                           n_neighbors=n_neighbors, seed=seed)
+    categories = [str(c) for c in range(n_domains)]
+    results = {key_added: labels}
+    if refine is not None:
+        results = {f"{key_added}_unrefined": labels,
+                   key_added: refine_labels(labels, spot_coordinates(adata, spatial_key, visium_array), shape=refine)}
+    for key, values in results.items():
+        adata.obs[key] = pd.Categorical(values.astype(str), categories=categories)
+    if truth_key is not None:
+        truth = adata.obs[truth_key].astype(object).to_numpy()
+        info["scores"] = {key: score_clustering(truth, values, unlabeled=unlabeled) for key, values in results.items()}
+    adata.uns[key_added] = info
+    return adata if copy else None

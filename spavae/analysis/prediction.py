@@ -1,0 +1,134 @@
+"""Latent and expression at locations the model was not trained on (ALGORITHM 3.5, "new locations", and 7.4).
+
+* GP dimensions: the exact sparse-GP posterior given the encoder outputs of **all** training spots
+  (:math:`b = N`, so :math:`N/b = 1`), evaluated at the new locations.
+* Gaussian dimensions: copied, mean and variance, from the nearest training spot (a KD-tree in the scaled frame);
+  a multi-section model also decodes with that spot's section.
+* Expression: the decoder mean averaged over latent draws, on the normalised scale (a new location has no
+  observed library size).
+
+The training spots are encoded in chunks and the new locations are processed in chunks of ``batch_size``, so the
+memory is :math:`O((N + \\text{batch\\_size})(p + G))` whatever the number of new locations.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from scipy.spatial import cKDTree
+
+from spavae.analysis._common import check_trained
+from spavae.train import auto_batch_size
+
+if TYPE_CHECKING:
+    from spavae.api import SpaVAE
+
+
+def _check_locations(locations: np.ndarray) -> np.ndarray:
+    locations = np.asarray(locations, dtype=np.float64)
+    if locations.ndim != 2 or locations.shape[1] != 2 or len(locations) == 0:
+        raise ValueError(f"locations must be a non-empty n x 2 array, got shape {locations.shape}")
+    if not np.isfinite(locations).all():
+        raise ValueError("locations contain NaN/inf values")
+    return locations
+
+
+@torch.no_grad()
+def predict_latent(model: SpaVAE, locations: np.ndarray, *, scaled: bool = False,
+                   batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Latent posterior at new locations.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~spavae.SpaVAE`.
+    locations
+        ``n x 2`` coordinates, in the frame of the training ``obsm['spatial']`` (or the scaled frame with
+        ``scaled=True``).
+    scaled
+        ``locations`` are already in the model's scaled ``[0, loc_range]`` frame.
+    batch_size
+        Spots encoded and locations predicted at once (the ``'auto'`` rule by default).
+
+    Returns
+    -------
+    ``(mean, var, nearest)``: ``n x D`` tensors (GP dims first) and the position of each location's nearest
+    training spot.
+    """
+    check_trained(model)
+    locations = _check_locations(locations)
+    query = locations if scaled else model.scaler.transform(locations)
+    module, data = model.module, model.data
+    batch_size = batch_size or auto_batch_size(len(data))
+    module.eval()
+    omega, phi2 = model.encode_all(batch_size)
+    n_gp, gp_dtype = module.n_gp, module.gp_dtype
+    module.gp.condition_on(data.locations, omega[:, :n_gp].to(gp_dtype), phi2[:, :n_gp].to(gp_dtype),
+                           len(data.locations))
+    _, nearest = cKDTree(data.locations.cpu().numpy()).query(query)
+    query_t = torch.as_tensor(query, dtype=gp_dtype, device=data.locations.device)
+    gp_mean, gp_var = zip(*(module.gp.marginals(query_t[start:start + batch_size])
+                            for start in range(0, len(query_t), batch_size)))
+    rows = torch.as_tensor(nearest, device=omega.device)
+    mean = torch.cat([torch.cat(gp_mean).to(omega.dtype), omega[rows, n_gp:]], 1)
+    var = torch.cat([torch.cat(gp_var).to(omega.dtype), phi2[rows, n_gp:]], 1)
+    return mean, var, nearest
+
+
+def predict(model: SpaVAE, locations: np.ndarray, *, scaled: bool = False, n_samples: int = 25,
+            key_added: str = "spavae", obs_names: pd.Index | None = None, batch_size: int | None = None,
+            seed: int = 0) -> ad.AnnData:
+    """Predict the latent and the expression at new locations and return them as a new AnnData.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~spavae.SpaVAE`.
+    locations
+        ``n x 2`` coordinates in the frame of the training ``obsm['spatial']`` (or scaled, see ``scaled``).
+    scaled
+        ``locations`` are in the model's scaled ``[0, loc_range]`` frame.
+    n_samples
+        Latent draws averaged for the expression (25 as in the original).
+    key_added
+        Prefix of the keys written (as in :meth:`~spavae.SpaVAE.write_results`).
+    obs_names
+        Names of the new spots (``'pred0'``, ``'pred1'``, ... by default).
+    batch_size
+        Locations processed at once.
+    seed
+        Seed of the latent draws.
+
+    Returns
+    -------
+    AnnData with the predicted expression in ``.X`` (normalised scale, size factor 1), the genes of the model,
+    ``obsm['spatial']`` (the given coordinates, in the training frame), ``obsm['spatial_scaled']``,
+    ``obsm['X_<key>']`` (latent means), ``obsm['X_<key>_var']`` (latent variances), ``obs['nearest_spot']``
+    (the training spot the Gaussian dimensions come from) and ``uns[key_added]['params']``.
+    """
+    locations = _check_locations(locations)
+    mean, var, nearest = predict_latent(model, locations, scaled=scaled, batch_size=batch_size)
+    batch_size = batch_size or auto_batch_size(len(model.data))
+    covariates = model.data.covariates
+    covariates = None if covariates is None else covariates[torch.as_tensor(nearest, device=covariates.device)]
+    expression = model.module.decode_posterior(mean, var, covariates=covariates, n_samples=n_samples,
+                                  batch_size=batch_size, seed=seed)
+    scaler = model.scaler
+    scaled_locations = locations if scaled else scaler.transform(locations)
+    raw_locations = scaler.inverse_transform(scaled_locations) if scaled else locations
+    names = pd.Index(obs_names if obs_names is not None else [f"pred{i}" for i in range(len(locations))])
+    if len(names) != len(locations):
+        raise ValueError(f"{len(names)} obs_names for {len(locations)} locations")
+    obs = pd.DataFrame({"nearest_spot": pd.Categorical(np.asarray(model.obs_names)[nearest])}, index=names)
+    out = ad.AnnData(X=expression.cpu().numpy(), obs=obs, var=pd.DataFrame(index=model.var_names.copy()))
+    out.obsm["spatial"] = raw_locations
+    out.obsm["spatial_scaled"] = scaled_locations
+    out.obsm[f"X_{key_added}"] = mean.cpu().numpy()
+    out.obsm[f"X_{key_added}_var"] = var.cpu().numpy()
+    out.uns[key_added] = {"params": {"n_samples": n_samples, "seed": seed, "scale": "normalized",
+                                     "n_gp": model.module.n_gp, "n_train_spots": len(model.data)}}
+    return out
