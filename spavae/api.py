@@ -377,9 +377,19 @@ class SpaVAE:
         return self
 
     # ------------------------------------------------------------------ outputs
-    def _check_trained(self) -> None:
+    def check_trained(self) -> None:
+        """Raise a clear error unless the model has been trained (or loaded trained)."""
         if not self.is_trained:
             raise RuntimeError("the model is not trained yet: call .train() first (or SpaVAE.load a trained one)")
+
+    def check_same_spots(self, adata: ad.AnnData) -> None:
+        """Raise unless the model is trained and ``adata`` holds its spots and genes, in the same order."""
+        self.check_trained()
+        if list(adata.obs_names) != list(self.obs_names) or list(adata.var_names) != list(self.var_names):
+            raise ValueError(
+                "adata does not hold the spots and genes the model was trained on (names or order differ); "
+                "pass the AnnData the model was built from"
+            )
 
     def _batch(self, rows) -> Batch:
         covariates = None if self.data.covariates is None else self.data.covariates[rows]
@@ -408,7 +418,7 @@ class SpaVAE:
         batch_size
             Chunk size (memory bound; ``'auto'`` rule by default).
         """
-        self._check_trained()
+        self.check_trained()
         if mode not in ("full", "chunked"):
             raise ValueError(f"mode must be 'full' or 'chunked', got {mode!r}")
         batch_size = batch_size or auto_batch_size(len(self.data))
@@ -476,9 +486,7 @@ class SpaVAE:
         * ``layers['<key>_denoised']``: denoised counts at the observed library size (with ``denoise``);
         * ``uns['<key>']``: the model and training parameters, package versions and the final kernel scale.
         """
-        self._check_trained()
-        if list(adata.obs_names) != list(self.obs_names) or list(adata.var_names) != list(self.var_names):
-            raise ValueError("adata does not hold the spots and genes the model was trained on (names or order differ)")
+        self.check_same_spots(adata)
         latent = self.get_latent_representation()
         n_gp = self.module.n_gp
         adata.obsm[f"X_{key_added}"] = latent

@@ -17,18 +17,13 @@ def check_trained(model: SpaVAE) -> None:
     """Raise unless ``model`` is a trained :class:`~spavae.SpaVAE`."""
     if not hasattr(model, "module") or not hasattr(model, "data"):
         raise TypeError(f"model must be a spavae.SpaVAE, got {type(model).__name__}")
-    if not model.is_trained:
-        raise RuntimeError("the model is not trained yet: call model.train() first (or SpaVAE.load a trained one)")
+    model.check_trained()
 
 
 def check_same_spots(adata: ad.AnnData, model: SpaVAE) -> None:
     """Raise unless ``adata`` holds the spots and genes ``model`` was trained on, in the same order."""
     check_trained(model)
-    if list(adata.obs_names) != list(model.obs_names) or list(adata.var_names) != list(model.var_names):
-        raise ValueError(
-            "adata does not hold the spots and genes the model was trained on (names or order differ); "
-            "pass the AnnData the model was built from"
-        )
+    model.check_same_spots(adata)
 
 
 def obsm_array(adata: ad.AnnData, key: str, *, hint: str) -> np.ndarray:

@@ -67,8 +67,7 @@ def spatially_variable_genes(adata, model, *, n_permutations: int = 0, train_kwa
     """
     from spavae.api import SpaVAE
 
-    if list(adata.var_names) != list(model.var_names):
-        raise ValueError("adata does not hold the genes the model was trained on")
+    model.check_same_spots(adata)  # the null models reuse the model's scaled locations spot by spot
     if n_permutations < 0:
         raise ValueError(f"n_permutations must be >= 0, got {n_permutations}")
     table = spatial_scores(model)
