@@ -75,7 +75,7 @@ def test_reconstruction_is_the_average_over_independent_draws():
 # ---------------------------------------------------------------------- two models in one session
 def fit(adata, seed: int) -> spavae.SpaVAE:
     model = spavae.SpaVAE(adata, device="cpu", encoder_layers=(16, 8), decoder_layers=(16,), seed=seed)
-    return model.train(max_epochs=2, progress=False)
+    return model.train(max_epochs=1, progress=False)
 
 
 def same_weights(a: spavae.SpaVAE, b: spavae.SpaVAE) -> bool:
