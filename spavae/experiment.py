@@ -37,7 +37,7 @@ from sklearn.feature_selection import f_classif
 from sklearn.neighbors import KNeighborsClassifier
 
 import spavae
-from spavae.analysis import cluster_kmeans, refine_labels, score_clustering, visium_array_to_xy
+from spavae.analysis import cluster_kmeans, predict_latent, refine_labels, score_clustering, visium_array_to_xy
 from spavae.api import SpaVAE
 from spavae.config import ExperimentConfig, load_config
 from spavae.data import filter_empty, normalize_log_scale, read, size_factors
@@ -313,8 +313,13 @@ def evaluate(run_dir: str | os.PathLike, *, log_config: str | os.PathLike | None
 
     The model of ``model_best.pth`` embeds **all** spots (test spots included: their expression goes through the
     encoder, and the GP posterior conditions on every spot). KMeans clusters the latent; with labels, ARI/NMI are
-    scored on all labelled spots and, with a test set, on the labelled test spots, and a k-NN classifier trained
-    on the labelled training spots' latents predicts the test spots' labels (``knn_accuracy``).
+    scored on all labelled spots and, with a test set, on the labelled test spots. With a test set, a k-NN
+    classifier trained on the labelled training spots' latents also predicts the test spots' labels, twice:
+
+    * ``knn_accuracy_location_only``: the interpolation protocol of ALGORITHM 7.4 and of published figures; the
+      test spots' latents are predicted from their locations alone (:func:`location_only_latents`);
+    * ``knn_accuracy_with_expression``: the test spots' latents from the all-spots embedding above, which reads
+      their own expression (an easier task, not comparable with published interpolation figures).
     """
     from spavae.analysis import umap
     from spavae.plot import plot_embedding, plot_marker_genes, plot_spatial_domains, plot_training_curves
@@ -348,8 +353,11 @@ def evaluate(run_dir: str | os.PathLike, *, log_config: str | os.PathLike | None
             metrics["all"] = _scores(truth, domains, refined)
             if test.any():
                 metrics["test"] = _scores(truth[test], domains[test], refined[test])
-                metrics["knn_accuracy"] = knn_accuracy(latent[~test], truth[~test], latent[test], truth[test],
-                                                       ev.knn_neighbors)
+                train_latent, test_latent = location_only_latents(run.best, adata, test, device=config.trainer.device)
+                metrics["knn_accuracy_location_only"] = knn_accuracy(train_latent, truth[~test], test_latent,
+                                                                     truth[test], ev.knn_neighbors)
+                metrics["knn_accuracy_with_expression"] = knn_accuracy(latent[~test], truth[~test], latent[test],
+                                                                       truth[test], ev.knn_neighbors)
         logger.info("evaluation of %s: %s", run.root, json.dumps(metrics))
         columns = [f"gp{i}" for i in range(model.module.n_gp)] + [f"gauss{i}" for i in range(model.module.n_gauss)]
         tables = {"latent.csv": pd.DataFrame(latent, index=adata.obs_names, columns=columns),
@@ -387,6 +395,38 @@ def _scores(truth: np.ndarray, domains: np.ndarray, refined: np.ndarray) -> dict
     raw, ref = score_clustering(truth, domains), score_clustering(truth, refined)
     return {"ari": round(raw["ari"], 4), "nmi": round(raw["nmi"], 4), "ari_refined": round(ref["ari"], 4),
             "nmi_refined": round(ref["nmi"], 4), "n_scored": raw["n_scored"]}
+
+
+def location_only_latents(model_file: str | os.PathLike, adata: ad.AnnData, test: np.ndarray, *,
+                          device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Latents of the interpolation protocol (ALGORITHM 7.4), which never reads the test spots' expression.
+
+    The saved model is loaded for the training spots only (so its GP posterior conditions on them alone), the
+    training spots are embedded as usual, and the test spots' latents are predicted from their locations with
+    :func:`spavae.analysis.predict_latent` (GP dimensions from the trained GP, Gaussian dimensions from the nearest
+    training spot), as ``benchmarks/interpolation.py`` does.
+
+    Parameters
+    ----------
+    model_file
+        A :meth:`SpaVAE.save` file of a model trained on ``adata[~test]``.
+    adata
+        All spots (training and test), with ``obsm['spatial']``.
+    test
+        Boolean mask of the test spots.
+    device
+        Device to load the model on (its saved setting by default).
+
+    Returns
+    -------
+    ``(train_latent, test_latent)``: ``(~test).sum() x D`` and ``test.sum() x D`` arrays.
+    """
+    test = np.asarray(test, dtype=bool)
+    if test.shape != (adata.n_obs,) or not test.any() or test.all():
+        raise ValueError("test must be a boolean mask over the spots with at least one test and one training spot")
+    model = SpaVAE.load(model_file, adata[~test].copy(), device=device)
+    test_latent = predict_latent(model, np.asarray(adata.obsm["spatial"])[test])[0].cpu().numpy()
+    return model.get_latent_representation(), test_latent
 
 
 def knn_accuracy(train_latent: np.ndarray, train_labels: np.ndarray, test_latent: np.ndarray,

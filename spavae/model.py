@@ -23,11 +23,15 @@ where :math:`\mathrm{KL}_\mathrm{other}` collects the unweighted KLs of observat
 background of spaMultiVAE).
 
 ``model`` and ``guide`` take the same arguments and can be used with any Pyro inference tool, e.g.
-``pyro.infer.Predictive(module.model, guide=module.guide, num_samples=10)`` to draw counts.
+``pyro.infer.Predictive(module.model, guide=module.guide, num_samples=10)`` to draw counts; they register the
+module's parameters under a name unique to the instance (:attr:`SpaVAEModule.pyro_name`). The training loss
+traces their bodies (:meth:`SpaVAEModule.sample_latent`, :meth:`SpaVAEModule.generate`) without registering
+anything, encoding each batch once whatever the number of latent samples.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +48,7 @@ from spavae.likelihoods import Observation
 from spavae.nn import GaussianEncoder
 
 GP_SITE, GAUSS_SITE = "z_gp", "z_gauss"
+_PYRO_NAMES = (f"spavae{i}" for i in itertools.count())
 
 
 @dataclass
@@ -121,6 +126,13 @@ class SpaVAEModule(nn.Module):
         Learn the mean and log-sd of the Gaussian dimensions' prior (spaLDVAE) instead of N(0, 1).
     encoder
         A custom encoder module returning ``(mean, var)`` of width ``n_gp + n_gauss``.
+
+    Attributes
+    ----------
+    pyro_name
+        Name under which :meth:`model` and :meth:`guide` register the parameters in Pyro's global parameter store
+        (``pyro.module``), unique to this instance (``'spavae0'``, ``'spavae1'``, ...), so that two modules in one
+        session never share or overwrite each other's parameters there. :meth:`loss` registers nothing.
     """
 
     def __init__(self, n_input: int, gp: SpatialGP, n_gauss: int, n_obs: int, observations: Sequence[Observation], *,
@@ -136,6 +148,7 @@ class SpaVAEModule(nn.Module):
             raise ValueError("the model needs at least one observation model")
         self.n_gp, self.n_gauss, self.n_input, self.n_obs, self.n_batch = gp.n_latent, n_gauss, n_input, n_obs, n_batch
         self.latent_distribution = latent_distribution
+        self.pyro_name = next(_PYRO_NAMES)
         self.encoder = encoder or GaussianEncoder(n_input + n_batch, self.n_latent, encoder_layers, dropout=dropout)
         self.observations = nn.ModuleList(observations)
         self.gp = gp
@@ -242,11 +255,18 @@ class SpaVAEModule(nn.Module):
         return torch.cat(chunks, dim=-2)
 
     def guide(self, expression, locations, counts=None, size_factors=None, covariates=None, beta: float = 1.0) -> Posterior:
-        """Pyro guide: q(z_gp) from the sparse GP, q(z_gauss) from the encoder. Returns the :class:`Posterior`."""
-        pyro.module("spavae", self)
-        batch = Batch(expression, locations, counts, size_factors, covariates)
+        """Pyro guide: q(z_gp) from the sparse GP, q(z_gauss) from the encoder. Returns the :class:`Posterior`.
+
+        Registers the module's parameters in Pyro's parameter store under :attr:`pyro_name`.
+        """
+        pyro.module(self.pyro_name, self)
         post = self.posterior(expression, locations, covariates)
-        with pyro.plate("spots", expression.shape[0]):
+        self.sample_latent(post, Batch(expression, locations, counts, size_factors, covariates), beta)
+        return post
+
+    def sample_latent(self, post: Posterior, batch: Batch, beta: float = 1.0) -> None:
+        """The guide's sample statements given a computed posterior (nothing is encoded or conditioned here)."""
+        with pyro.plate("spots", post.mean.shape[0]):
             z_gp = pyro.sample(GP_SITE, dist.Normal(post.mean[:, : self.n_gp], post.var[:, : self.n_gp].sqrt())
                                .to_event(1).mask(False))
             parts = [z_gp]
@@ -257,19 +277,25 @@ class SpaVAEModule(nn.Module):
             z = self.decoder_input(torch.cat(parts, dim=1))
             for observation in self.observations:
                 observation.guide(z, batch)
-        return post
 
     def model(self, expression, locations, counts=None, size_factors=None, covariates=None, beta: float = 1.0) -> None:
-        """Pyro model: GP and Gaussian priors, decoders and the likelihood of every observation model."""
-        pyro.module("spavae", self)
-        n = locations.shape[0]
+        """Pyro model: GP and Gaussian priors, decoders and the likelihood of every observation model.
+
+        Registers the module's parameters in Pyro's parameter store under :attr:`pyro_name`.
+        """
+        pyro.module(self.pyro_name, self)
+        self.generate(Batch(expression, locations, counts, size_factors, covariates), beta)
+
+    def generate(self, batch: Batch, beta: float = 1.0) -> None:
+        """The model's sample statements: priors of ``z`` and the likelihood of every observation model."""
+        n = batch.locations.shape[0]
         dtype = self.net_dtype
-        if size_factors is None:
-            size_factors = torch.ones(n, dtype=dtype, device=locations.device)
-        batch = Batch(expression, locations, counts, size_factors, covariates)
+        if batch.size_factors is None:
+            batch = Batch(batch.expression, batch.locations, batch.counts,
+                          torch.ones(n, dtype=dtype, device=batch.locations.device), batch.covariates)
         with pyro.plate("spots", n):
             # marginal GP prior N(0, k(x, x)); the joint GP prior enters through the Pearce term instead
-            prior_var = self.gp.covar_module(locations.to(self.gp_dtype), diag=True).to(dtype)
+            prior_var = self.gp.covar_module(batch.locations.to(self.gp_dtype), diag=True).to(dtype)
             prior_var = prior_var.T if prior_var.dim() == 2 else prior_var.unsqueeze(-1)  # per-dimension kernels: L x n
             prior_sd = prior_var.expand(n, self.n_gp).sqrt()
             parts = [pyro.sample(GP_SITE, dist.Normal(torch.zeros_like(prior_sd), prior_sd).to_event(1).mask(False))]
@@ -285,6 +311,11 @@ class SpaVAEModule(nn.Module):
     def loss(self, batch: Batch, beta: float, *, num_samples: int = 1, noise: float = 0.0) -> LossOutput:
         """Mini-batch loss: Pyro model/guide traces for the likelihoods and local KLs, plus the Pearce GP term.
 
+        The batch is encoded and the GP conditioned once; ``num_samples`` draws of ``z`` from that one posterior
+        are each decoded (as in the original spaVAE), so the KL terms are exact and the reconstruction term is the
+        average over the draws. The traces use :meth:`sample_latent` and :meth:`generate`, which register nothing
+        in Pyro's parameter store: the training loop optimises ``module.parameters()`` directly.
+
         Parameters
         ----------
         batch
@@ -296,10 +327,11 @@ class SpaVAEModule(nn.Module):
         noise
             Standard deviation of the denoising-noise regulariser (ALGORITHM 4.7); 0 switches it off.
         """
+        post = self.posterior(batch.expression, batch.locations, batch.covariates)
         reconstruction, kl_other = 0.0, 0.0
         for _ in range(num_samples):
-            guide_trace = poutine.trace(self.guide).get_trace(*batch.args(), beta=beta)
-            model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(*batch.args(), beta=beta)
+            guide_trace = poutine.trace(self.sample_latent).get_trace(post, batch, beta)
+            model_trace = poutine.trace(poutine.replay(self.generate, trace=guide_trace)).get_trace(batch, beta)
             for name, site in model_trace.nodes.items():
                 if site["type"] != "sample" or site_is_subsample(site):
                     continue
@@ -308,7 +340,6 @@ class SpaVAEModule(nn.Module):
                 elif name not in (GP_SITE, GAUSS_SITE):
                     kl = kl_divergence(guide_trace.nodes[name]["fn"], site["fn"])
                     kl_other = kl_other + kl.sum() / num_samples
-        post: Posterior = guide_trace.nodes["_RETURN"]["value"]
         zero = reconstruction.new_zeros(())
         kl_gauss = (kl_divergence(guide_trace.nodes[GAUSS_SITE]["fn"], model_trace.nodes[GAUSS_SITE]["fn"]).sum()
                     if self.n_gauss else zero)

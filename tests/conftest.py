@@ -1,4 +1,8 @@
-"""Shared fixtures: Pyro hygiene, the shared DLPFC files and small simulated data."""
+"""Shared fixtures: Pyro validation, the shared DLPFC files and small simulated data.
+
+Pyro's global parameter store is deliberately not cleared between tests: every module registers its parameters
+under its own name, and the training loop does not use the store (tests/test_reliability_model.py).
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,7 @@ DLPFC_FILES = {name: SHARED / f"sample_{name}.h5" for name in ("151507", "151510
 
 
 @pytest.fixture(autouse=True)
-def _pyro_hygiene():
-    pyro.clear_param_store()
+def _pyro_validation():
     pyro.enable_validation(True)
     torch.set_num_threads(2)
     yield

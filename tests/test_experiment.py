@@ -14,10 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import adjusted_rand_score
+from sklearn.neighbors import KNeighborsClassifier
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import spavae
 from spavae.cli import build_parser, main
+from spavae.experiment import knn_accuracy, location_only_latents
 from spavae.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,9 +92,19 @@ def test_train_evaluate_resume_through_the_cli(config_file, tmp_path, capsys):
 
     metrics = json.loads((run / "results" / "metrics.json").read_text())
     assert metrics["n_test"] == 26 and metrics["test"]["n_scored"] == 26 and metrics["all"]["n_scored"] == 256
-    assert 0 <= metrics["knn_accuracy"] <= 1 and -1 <= metrics["test"]["ari"] <= 1
-    latent = pd.read_csv(run / "results" / "latent.csv", index_col=0)
-    assert latent.shape == (256, 10) and np.isfinite(latent.to_numpy()).all()
+    domains = pd.read_csv(run / "results" / "domains.csv", index_col=0)
+    test = domains["test"].to_numpy()
+    assert metrics["test"]["ari"] == round(adjusted_rand_score(domains["truth"][test], domains["domain"][test]), 4)
+    assert "knn_accuracy" not in metrics  # two protocols, named apart
+    adata = spavae.read(tmp_path / "section.h5")
+    truth = adata.obs["ground_truth"].astype(str).to_numpy()
+    train_latent, test_latent = location_only_latents(run / "checkpoint" / "model_best.pth", adata, test)
+    for key, (fit, predict) in (("knn_accuracy_location_only", (train_latent, test_latent)),
+                                ("knn_accuracy_with_expression", (latent_of(run)[~test], latent_of(run)[test]))):
+        knn = KNeighborsClassifier(n_neighbors=11).fit(fit, truth[~test])
+        assert metrics[key] == round(float((knn.predict(predict) == truth[test]).mean()), 4), key
+    latent = latent_of(run)
+    assert latent.shape == (256, 10) and np.isfinite(latent).all()
     for figure in ("domains.png", "umap.png", "markers.png", "training.png"):
         content = (run / "results" / figure).read_bytes()
         assert content[:4] == b"\x89PNG" and len(content) > 5000, figure
@@ -106,6 +119,34 @@ def test_train_evaluate_resume_through_the_cli(config_file, tmp_path, capsys):
                                                                            "checkpoint-epoch4.pth"}
     assert main(["train", "-c", str(config_file)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def latent_of(run: Path) -> np.ndarray:
+    """The all-spots latent that evaluate wrote."""
+    return pd.read_csv(run / "results" / "latent.csv", index_col=0).to_numpy()
+
+
+def test_location_only_latents_never_read_the_test_expression(small_adata, tmp_path):
+    test = np.zeros(small_adata.n_obs, dtype=bool)
+    test[np.random.default_rng(0).permutation(small_adata.n_obs)[:26]] = True
+    model = spavae.SpaVAE(small_adata[~test].copy(), device="cpu", encoder_layers=(16, 8), decoder_layers=(16,))
+    model.train(max_epochs=3, progress=False).save(tmp_path / "model.pth")
+    noisy = small_adata.copy()
+    noisy.X[test] = np.random.default_rng(1).poisson(5.0, size=(26, small_adata.n_vars)) + 1.0
+    train_latent, test_latent = location_only_latents(tmp_path / "model.pth", small_adata, test, device="cpu")
+    noisy_train, noisy_test = location_only_latents(tmp_path / "model.pth", noisy, test, device="cpu")
+    np.testing.assert_array_equal(noisy_train, train_latent)
+    np.testing.assert_array_equal(noisy_test, test_latent)
+    np.testing.assert_allclose(train_latent, model.get_latent_representation(), rtol=1e-6)  # the training spots only
+    truth = small_adata.obs["ground_truth"].astype(str).to_numpy()
+    assert knn_accuracy(noisy_train, truth[~test], noisy_test, truth[test]) == \
+        knn_accuracy(train_latent, truth[~test], test_latent, truth[test])
+    # the all-spots embedding does read the test spots' expression: there the noise moves their latents
+    embedded = spavae.SpaVAE.load(tmp_path / "model.pth", small_adata, device="cpu").get_latent_representation()
+    noisy_embedded = spavae.SpaVAE.load(tmp_path / "model.pth", noisy, device="cpu").get_latent_representation()
+    assert np.abs(noisy_embedded[test] - embedded[test]).max() > 0.1
+    with pytest.raises(ValueError, match="at least one test and one training spot"):
+        location_only_latents(tmp_path / "model.pth", small_adata, np.zeros(small_adata.n_obs, dtype=bool))
 
 
 def test_cli_errors_are_clear(config_file, tmp_path, capsys):

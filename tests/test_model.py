@@ -13,12 +13,12 @@ from spavae.model import Batch, SpaVAEModule
 D = torch.float64
 
 
-def make_module(n_genes=30, n_obs=500, n_gauss=3, seed=0):
+def make_module(n_genes=30, n_obs=500, n_gauss=3, seed=0, dropout=0.0):
     torch.manual_seed(seed)
     inducing = torch.cartesian_prod(torch.linspace(0, 20, 4, dtype=D), torch.linspace(0, 20, 4, dtype=D))
     gp = SpatialGP(inducing, 2, CauchyKernel(20.0), jitter=1e-10)
     observations = [NegativeBinomialObservation(n_genes, 2 + n_gauss, (16,))]
-    return SpaVAEModule(n_genes, gp, n_gauss, n_obs, observations, encoder_layers=(16, 8)).double()
+    return SpaVAEModule(n_genes, gp, n_gauss, n_obs, observations, encoder_layers=(16, 8), dropout=dropout).double()
 
 
 def make_batch(n=40, n_genes=30, seed=1):
@@ -29,8 +29,11 @@ def make_batch(n=40, n_genes=30, seed=1):
     return Batch(expr, torch.rand(n, 2, generator=gen, dtype=D) * 20, counts, sf)
 
 
-def reference_loss(module, batch, beta, eps_gp, eps_gauss):
-    """Section 13 in plain torch with explicit inverses, given the module's networks and fixed noise."""
+def reference_posterior(module, batch):
+    """Section 13's q(z) and KL terms in plain torch with explicit inverses, given the module's encoder.
+
+    Returns ``(mean, var, kl_gp, kl_gauss)`` with ``mean``/``var`` of width D (GP dimensions first).
+    """
     omega, phi2 = module.encoder(batch.expression)
     w, v = omega[:, :2], phi2[:, :2]
     s = module.gp.covar_module.scale.reshape(())
@@ -53,8 +56,20 @@ def reference_loss(module, batch, beta, eps_gp, eps_gauss):
     evidence = ce - b / n_obs * sum(kls)  # ell == C on the batch (ALGORITHM 3.4)
     kl_gp = ce - evidence
     kl_gauss = 0.5 * (phi2[:, 2:] + omega[:, 2:] ** 2 - 1 - phi2[:, 2:].log()).sum()
-    z = torch.cat([m + bb.sqrt() * eps_gp, omega[:, 2:] + phi2[:, 2:].sqrt() * eps_gauss], 1)
-    nb = -nb_log_prob(batch.counts, module.decoder(z) * batch.size_factors[:, None], module.observations[0].theta()).sum()
+    return torch.cat([m, omega[:, 2:]], 1), torch.cat([bb, phi2[:, 2:]], 1), kl_gp, kl_gauss
+
+
+def reference_nb(module, batch, mean, var, eps):
+    """NB negative log-likelihood of the counts at ``z = mean + sqrt(var) * eps``, decoded in plain torch."""
+    z = mean + var.sqrt() * eps
+    rate = module.decoder(z) * batch.size_factors[:, None]
+    return -nb_log_prob(batch.counts, rate, module.observations[0].theta()).sum()
+
+
+def reference_loss(module, batch, beta, eps_gp, eps_gauss):
+    """Section 13 in plain torch with explicit inverses, given the module's networks and fixed noise."""
+    mean, var, kl_gp, kl_gauss = reference_posterior(module, batch)
+    nb = reference_nb(module, batch, mean, var, torch.cat([eps_gp, eps_gauss], 1))
     return nb + beta * (kl_gp + kl_gauss), nb, kl_gp, kl_gauss
 
 
