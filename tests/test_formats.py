@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import anndata as ad
 import h5py
 import numpy as np
 import pandas as pd
@@ -17,7 +18,7 @@ from matplotlib.image import imsave
 
 import spavae
 from spavae.cli import main
-from spavae.data import read_visium, read_visium_hd, read_xenium
+from spavae.data import read_spatialdata, read_visium, read_visium_hd, read_xenium, write_spatialdata
 from spavae.data.readers import detect_format
 
 SCALEFACTORS = {"tissue_hires_scalef": 0.17, "tissue_lowres_scalef": 0.051, "fiducial_diameter_fullres": 144.5,
@@ -151,10 +152,21 @@ def test_visium_keeps_only_in_tissue_spots_and_images_are_optional(tmp_path):
     off = table["barcode"].isin(written["barcodes"][:3])
     table.loc[off, "in_tissue"] = 0
     table.to_csv(path, index=False)
-    adata = read_visium(tmp_path / "outs", library_id="mine")
+    with pytest.warns(UserWarning, match="3 of the 20 barcodes .* are outside the tissue"):
+        adata = read_visium(tmp_path / "outs", library_id="mine")
     assert list(adata.obs_names) == written["barcodes"][3:]
     np.testing.assert_array_equal(adata.X.toarray(), written["counts"][3:])
     assert adata.uns["spatial"]["mine"]["images"] == {}
+
+
+def test_visium_positions_with_missing_pixels_are_refused(tmp_path):
+    make_spaceranger(tmp_path / "outs", positions="tissue_positions_list.csv")
+    path = tmp_path / "outs" / "spatial" / "tissue_positions_list.csv"
+    table = pd.read_csv(path, header=None)
+    table.loc[table[1] == 1, 5] = table.loc[table[1] == 1, 5].where(lambda v: v.index % 2 == 0)
+    table.to_csv(path, header=False, index=False)
+    with pytest.raises(ValueError, match=r"tissue_positions_list.csv: \d+ spot location\(s\) are NaN"):
+        read_visium(tmp_path / "outs")
 
 
 def test_visium_with_every_spot_outside_the_tissue_is_refused(tmp_path):
@@ -188,6 +200,13 @@ def test_empty_or_damaged_matrix_is_refused(tmp_path):
     make_spaceranger(tmp_path / "outs")
     write_10x_h5(tmp_path / "outs" / "filtered_feature_bc_matrix.h5", np.zeros((0, 3)), [], ["A", "B", "C"])
     with pytest.raises(ValueError, match=r"the matrix is empty \(0 barcodes x 3 features\)"):
+        read_visium(tmp_path / "outs")
+    make_spaceranger(tmp_path / "outs")
+    with h5py.File(tmp_path / "outs" / "filtered_feature_bc_matrix.h5", "r+") as h5:
+        indptr = h5["matrix/indptr"][()]
+        del h5["matrix/indptr"]
+        h5["matrix/indptr"] = indptr[:-1]  # a column lost
+    with pytest.raises(ValueError, match="20 barcodes, 19 columns .* the file is damaged"):
         read_visium(tmp_path / "outs")
     with h5py.File(tmp_path / "outs" / "filtered_feature_bc_matrix.h5", "w") as h5:
         h5["X"] = np.ones((2, 2))
@@ -328,3 +347,94 @@ def test_cli_run_on_a_visium_folder(tmp_path):
     assert results.obs["spavae_domain"].nunique() <= 3
     assert results.uns["spatial"]["lib-A"]["scalefactors"]["spot_diameter_fullres"] == 89.4
     assert results.uns["spatial"]["lib-A"]["images"]["hires"].shape[:2] == (12, 10)
+
+
+# --- SpatialData (needs the spatialdata extra) --------------------------------------------------------------
+
+
+def make_spatialdata(n_spots: int = 30, *, with_obsm: bool = False, seed: int = 0):
+    """Circles 'spots' and 'cells' annotated by one table (region_key 'region', instance_key 'spot_id')."""
+    spatialdata = pytest.importorskip("spatialdata")
+    from spatialdata.models import ShapesModel, TableModel
+
+    rng = np.random.default_rng(seed)
+    shapes, tables = {}, []
+    for region, n, offset in (("spots", n_spots, 0.0), ("cells", 7, 1000.0)):
+        xy = rng.uniform(0, 100, size=(n, 2)) + offset
+        ids = np.arange(n) * 3 + 5  # instance ids that are not row numbers
+        shapes[region] = ShapesModel.parse(xy, geometry=0, radius=np.full(n, 2.0), index=ids)
+        counts = rng.poisson(2.0, size=(n, 8)).astype(np.float32)
+        table = ad.AnnData(X=sp.csr_matrix(counts),
+                           obs=pd.DataFrame({"region": region, "spot_id": ids},
+                                            index=[f"{region}{i}" for i in range(n)]))
+        table.obsm["xy"] = xy
+        tables.append(table)
+    order = rng.permutation(n_spots + 7)  # table rows not in shape order
+    table = ad.concat(tables)[order].copy()
+    table.obs["region"] = pd.Categorical(table.obs["region"])
+    xy = table.obsm.pop("xy")
+    if with_obsm:
+        table.obsm["spatial"] = xy
+    table = TableModel.parse(table, region=["spots", "cells"], region_key="region", instance_key="spot_id")
+    return spatialdata.SpatialData(shapes=shapes, tables={"table": table}), xy
+
+
+@pytest.mark.parametrize("with_obsm", [False, True])
+def test_spatialdata_table_counts_and_region_coordinates(with_obsm):
+    sdata, xy = make_spatialdata(with_obsm=with_obsm)
+    table = sdata.tables["table"]
+    adata = read_spatialdata(sdata, region="spots")
+    spots = (table.obs["region"] == "spots").to_numpy()
+    assert list(adata.obs_names) == list(table.obs_names[spots])
+    assert sp.isspmatrix_csr(adata.X) and adata.X.dtype == np.float32
+    np.testing.assert_array_equal(adata.X.toarray(), table.X[spots].toarray())
+    np.testing.assert_allclose(adata.obsm["spatial"], xy[spots])  # shape centroids == the circles' centres
+    assert adata.uns["spavae_source"] == {"format": "spatialdata", "table_key": "table", "region": "spots",
+                                          "path": ""}
+
+
+def test_spatialdata_errors_name_the_choice():
+    sdata, _ = make_spatialdata()
+    with pytest.raises(ValueError, match=r"annotates several regions \['spots', 'cells'\]; choose one with region="):
+        read_spatialdata(sdata)
+    with pytest.raises(KeyError, match="no table 'counts'; tables: \\['table'\\]"):
+        read_spatialdata(sdata, table_key="counts", region="spots")
+    with pytest.raises(KeyError, match="does not annotate region 'nuclei'"):
+        read_spatialdata(sdata, region="nuclei")
+    del sdata.shapes["spots"]
+    with pytest.raises(KeyError, match="region 'spots' is not an element"):
+        read_spatialdata(sdata, region="spots")
+
+
+def test_spatialdata_zarr_store_read_and_results_written_back(tmp_path):
+    sdata, _ = make_spatialdata()
+    store = tmp_path / "section.zarr"
+    sdata.write(store)
+    adata = spavae.read(store, region="spots")
+    assert adata.uns["spavae_source"]["path"] == str(store)
+    kept = adata[adata.obs_names[2:]].copy()  # as after filter_empty dropped two spots
+    latent = np.arange(kept.n_obs * 3, dtype=np.float64).reshape(-1, 3)
+    kept.obsm["X_spavae"] = latent
+    kept.obs["spavae_domain"] = pd.Categorical((np.arange(kept.n_obs) % 2).astype(str))
+    kept.obs["spavae_domain_refined"] = (np.arange(kept.n_obs) % 3).astype(str)  # plain strings
+    write_spatialdata(kept, store)
+    import spatialdata
+
+    table = spatialdata.read_zarr(store).tables["table"]
+    rows = table.obs_names.get_indexer(kept.obs_names)
+    np.testing.assert_array_equal(table.obsm["X_spavae"][rows], latent)
+    others = np.setdiff1d(np.arange(table.n_obs), rows)
+    assert len(others) == 2 + 7 and np.isnan(table.obsm["X_spavae"][others]).all()
+    for key in ("spavae_domain", "spavae_domain_refined"):
+        assert list(table.obs[key].iloc[rows]) == list(kept.obs[key])
+        assert table.obs[key].iloc[others].isna().all()
+    assert set(spatialdata.read_zarr(store).tables) == {"table"}  # the backup copy is gone
+    with pytest.raises(ValueError, match="holds no spavae results"):
+        write_spatialdata(adata, store)
+
+
+def test_spatialdata_without_the_package_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "spatialdata", None)
+    (tmp_path / "s.zarr").mkdir()
+    with pytest.raises(ImportError, match=r"pip install spavae\[spatialdata\]"):
+        spavae.read(tmp_path / "s.zarr")

@@ -16,9 +16,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from spavae.data import spatialdata_io, tenx
 from spavae.data.preprocess import check_counts, check_locations
-from spavae.data.tenx import BIN_FOLDER, MATRIX_FILE, XENIUM_MATRIX_FILE
 
 LABEL_KEY = "ground_truth"
 
@@ -149,6 +147,8 @@ SUPPORTED_FORMATS = (
 def detect_format(path: str | os.PathLike) -> str:
     """Name the format of ``path``: ``'visium'``, ``'visium-hd'``, ``'xenium'``, ``'spatialdata'``,
     ``'h5ad'`` or ``'spavae-h5'``; a clear error for anything else."""
+    from spavae.data.tenx import BIN_FOLDER, MATRIX_FILE, XENIUM_MATRIX_FILE  # tenx builds on this module
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
@@ -189,6 +189,8 @@ def read(path: str | os.PathLike, **kwargs) -> ad.AnnData:
     -------
     AnnData with raw counts in ``.X`` and coordinates in ``obsm['spatial']``.
     """
+    from spavae.data import spatialdata_io, tenx  # they build on this module
+
     readers = {
         "visium": tenx.read_visium,
         "visium-hd": tenx.read_visium_hd,

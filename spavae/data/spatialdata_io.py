@@ -69,7 +69,7 @@ def _table_attrs(table: ad.AnnData, table_key: str) -> dict[str, Any]:
         raise ValueError(f"table '{table_key}' annotates no region (no uns['{TableModel.ATTRS_KEY}']); "
                          "parse it with spatialdata.models.TableModel.parse(table, region=..., region_key=..., "
                          "instance_key=...)")
-    return {"regions": list(np.atleast_1d(attrs[TableModel.REGION_KEY])),
+    return {"regions": [str(r) for r in np.atleast_1d(attrs[TableModel.REGION_KEY])],
             "region_key": attrs[TableModel.REGION_KEY_KEY], "instance_key": attrs[TableModel.INSTANCE_KEY]}
 
 
@@ -211,7 +211,28 @@ def write_spatialdata(
         full[rows] = values
         table.obsm[key] = full
     for key in obs_keys:
-        table.obs[key] = adata.obs[key].reindex(table.obs_names).array  # keeps categories; NaN where missing
+        column = adata.obs[key]
+        if column.dtype == object:  # strings: categorical, so that missing rows stay missing on disk
+            column = column.astype("category")
+        table.obs[key] = column.reindex(table.obs_names).array  # keeps categories; NaN where missing
     if isinstance(target, (str, os.PathLike)):
-        sdata.write_element(table_key, overwrite=True)
+        _rewrite_table_on_disk(sdata, table_key)
     return sdata
+
+
+def _rewrite_table_on_disk(sdata: SpatialData, table_key: str) -> None:
+    """Replace the table in the store, keeping a full copy on disk at every moment.
+
+    SpatialData refuses to overwrite an element of its own store in place; its documented way is to
+    delete and write again, so a copy is written first and removed once the table is back.
+    """
+    backup = f"{table_key}_spavae_backup"
+    if backup in sdata.tables:
+        raise ValueError(f"the store holds a table '{backup}' left by an interrupted write_spatialdata; check "
+                         f"table '{table_key}', then remove it with sdata.delete_element_from_disk('{backup}')")
+    sdata.tables[backup] = sdata.tables[table_key]
+    sdata.write_element(backup)
+    sdata.delete_element_from_disk(table_key)
+    sdata.write_element(table_key)
+    sdata.delete_element_from_disk(backup)
+    del sdata.tables[backup]

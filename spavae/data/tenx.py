@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -21,6 +22,9 @@ import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from spavae.data.preprocess import check_locations
+from spavae.data.readers import _decode
 
 GENE_EXPRESSION = "Gene Expression"
 MATRIX_FILE = "filtered_feature_bc_matrix.h5"
@@ -30,10 +34,6 @@ POSITION_FILES = ("tissue_positions.parquet", "tissue_positions.csv", "tissue_po
 IMAGE_FILES = {"hires": "tissue_hires_image.png", "lowres": "tissue_lowres_image.png"}
 BIN_FOLDER = re.compile(r"^square_(\d{3})um$")
 IO_EXTRA_HINT = "pip install spavae[io]"
-
-
-def _text(values: np.ndarray) -> np.ndarray:
-    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
 
 
 def _read_matrix(path: Path) -> tuple[ad.AnnData, dict]:
@@ -58,22 +58,24 @@ def _read_matrix(path: Path) -> tuple[ad.AnnData, dict]:
             raise KeyError(f"{path}: the 10x matrix lacks matrix/{missing}; the file is truncated or not a 10x matrix")
         n_features, n_barcodes = (int(n) for n in group["shape"][()])
         data, indices, indptr = group["data"][()], group["indices"][()], group["indptr"][()]
-        barcodes = _text(group["barcodes"][()])
+        barcodes = _decode(group["barcodes"][()])
         features = group["features"]
         var = pd.DataFrame({
-            "gene_ids": _text(features["id"][()]),
-            "gene_names": _text(features["name"][()]),
-            "feature_types": _text(features["feature_type"][()]),
+            "gene_ids": _decode(features["id"][()]),
+            "gene_names": _decode(features["name"][()]),
+            "feature_types": _decode(features["feature_type"][()]),
         })
         if "genome" in features:
-            var["genome"] = _text(features["genome"][()])
+            var["genome"] = _decode(features["genome"][()])
         attrs = {key: (value.decode() if isinstance(value, bytes) else value) for key, value in h5.attrs.items()}
     if n_barcodes == 0 or n_features == 0:
         raise ValueError(f"{path}: the matrix is empty ({n_barcodes} barcodes x {n_features} features)")
-    if len(barcodes) != n_barcodes or len(var) != n_features or len(indptr) != n_barcodes + 1:
+    if len(barcodes) != n_barcodes or len(var) != n_features or len(indptr) != n_barcodes + 1 \
+            or len(indices) != len(data) or indptr[-1] != len(data):
         raise ValueError(
             f"{path}: matrix/shape says {n_features} features x {n_barcodes} barcodes but the file holds "
-            f"{len(var)} features, {len(barcodes)} barcodes and {len(indptr) - 1} columns; the file is damaged"
+            f"{len(var)} features, {len(barcodes)} barcodes, {len(indptr) - 1} columns and {len(data)} values for "
+            f"{len(indices)} indices (indptr ends at {indptr[-1]}); the file is damaged"
         )
     # 10x stores features x barcodes in CSC, which is the same arrays as barcodes x features in CSR.
     counts = sp.csr_matrix((data.astype(np.float32), indices, indptr), shape=(n_barcodes, n_features))
@@ -161,7 +163,7 @@ def read_tissue_positions(spatial_dir: str | os.PathLike) -> pd.DataFrame:
     missing = [c for c in POSITION_COLUMNS if c not in positions.columns]
     if missing:
         raise KeyError(f"{path} lacks the column(s) {missing}; columns present: {list(positions.columns)}")
-    positions["barcode"] = _text(positions["barcode"].to_numpy())
+    positions["barcode"] = _decode(positions["barcode"].to_numpy())
     if not positions["barcode"].is_unique:
         raise ValueError(f"{path}: {int(positions['barcode'].duplicated().sum())} barcode(s) appear twice")
     return positions.set_index("barcode")[POSITION_COLUMNS[1:]]
@@ -173,7 +175,7 @@ def _match(barcodes: pd.Index, table: pd.DataFrame, *, matrix: Path, table_path:
     if len(missing):
         raise ValueError(
             f"{len(missing)} of {len(barcodes)} {what} in {matrix.name} are not in {table_path} (e.g. "
-            f"{list(missing[:3])}); the matrix and the positions come from different runs"
+            f"{list(missing[:3])}); the two files come from different runs"
         )
     return table.loc[barcodes]
 
@@ -202,14 +204,17 @@ def _read_spaceranger(folder: Path, *, library_id: str | None, load_images: bool
     if not in_tissue.any():
         raise ValueError(f"none of the {adata.n_obs} barcodes of {matrix_path} is in the tissue (in_tissue == 1 in "
                          f"{positions_file}); check that the positions file belongs to this run")
-    adata = adata[in_tissue].copy()
-    positions = positions.loc[in_tissue]
+    if not in_tissue.all():
+        warnings.warn(f"{int((~in_tissue).sum())} of the {adata.n_obs} barcodes of {matrix_path} are outside the "
+                      "tissue (in_tissue == 0 in the positions file) and were dropped", stacklevel=3)
+        adata, positions = adata[in_tissue].copy(), positions.loc[in_tissue]
     for column in ("in_tissue", "array_row", "array_col"):
         adata.obs[column] = positions[column].to_numpy().astype(np.int64)
     adata.obsm["spatial"] = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
+    check_locations(adata.obsm["spatial"], adata.n_obs, where=str(positions_file))
     if library_id is None:
         library_ids = attrs.get("library_ids")
-        library_id = _text(np.atleast_1d(library_ids))[0] if library_ids is not None else folder.name
+        library_id = _decode(np.atleast_1d(library_ids))[0] if library_ids is not None else folder.name
     adata.uns["spatial"] = {library_id: {
         "images": _read_images(spatial_dir) if load_images else {},
         "scalefactors": json.loads(scalefactors_path.read_text()),
@@ -344,9 +349,10 @@ def read_xenium(path: str | os.PathLike) -> ad.AnnData:
     missing = [c for c in ("cell_id", "x_centroid", "y_centroid") if c not in cells.columns]
     if missing:
         raise KeyError(f"{cells_path} lacks the column(s) {missing}; columns present: {list(cells.columns)}")
-    cells = cells.assign(cell_id=_text(cells["cell_id"].to_numpy())).set_index("cell_id")
+    cells = cells.assign(cell_id=_decode(cells["cell_id"].to_numpy())).set_index("cell_id")
     cells = _match(adata.obs_names, cells, matrix=matrix_path, table_path=cells_path, what="cell ids")
     adata.obsm["spatial"] = cells[["x_centroid", "y_centroid"]].to_numpy(dtype=np.float64)
+    check_locations(adata.obsm["spatial"], adata.n_obs, where=str(cells_path))
     for column in cells.columns.drop(["x_centroid", "y_centroid"]):
         adata.obs[column] = cells[column].to_numpy()
     adata.uns["spavae_source"] = {"path": str(folder), "format": "xenium"}
