@@ -438,3 +438,18 @@ def test_spatialdata_without_the_package_names_the_extra(tmp_path, monkeypatch):
     (tmp_path / "s.zarr").mkdir()
     with pytest.raises(ImportError, match=r"pip install spavae\[spatialdata\]"):
         spavae.read(tmp_path / "s.zarr")
+
+
+def test_spatialdata_model_results_go_back_into_the_table():
+    sdata, _ = make_spatialdata(n_spots=40, with_obsm=True)
+    adata = spavae.data.filter_empty(read_spatialdata(sdata, region="spots"))
+    model = spavae.SpaVAE(adata, inducing_steps=2, seed=0)
+    model.train(max_epochs=2, progress=False)
+    model.write_results(adata, denoise=False)
+    adata.obs["spavae_domain"] = pd.Categorical(spavae.analysis.cluster_kmeans(adata.obsm["X_spavae"], 2, seed=0)
+                                                .astype(str))
+    table = write_spatialdata(adata, sdata).tables["table"]
+    rows = table.obs_names.get_indexer(adata.obs_names)
+    np.testing.assert_array_equal(table.obsm["X_spavae"][rows], adata.obsm["X_spavae"])
+    assert list(table.obs["spavae_domain"].iloc[rows]) == list(adata.obs["spavae_domain"])
+    assert table.obs.loc[table.obs["region"] == "cells", "spavae_domain"].isna().all()

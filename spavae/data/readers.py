@@ -145,8 +145,13 @@ SUPPORTED_FORMATS = (
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """Name the format of ``path``: ``'visium'``, ``'visium-hd'``, ``'xenium'``, ``'spatialdata'``,
-    ``'h5ad'`` or ``'spavae-h5'``; a clear error for anything else."""
+    """Name the format of ``path`` without reading it.
+
+    Returns
+    -------
+    ``'visium'``, ``'visium-hd'``, ``'xenium'``, ``'spatialdata'``, ``'h5ad'`` or ``'spavae-h5'``;
+    anything else raises a ValueError listing the supported formats.
+    """
     from spavae.data.tenx import BIN_FOLDER, MATRIX_FILE, XENIUM_MATRIX_FILE  # tenx builds on this module
 
     path = Path(path)

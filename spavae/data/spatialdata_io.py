@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 SPATIALDATA_EXTRA_HINT = "pip install spavae[spatialdata]"
-RESULT_PREFIX = "spavae"
+RESULT_TAG = "spavae"
 
 
 def _spatialdata():
@@ -53,7 +53,8 @@ def _load(source: SpatialData | str | os.PathLike) -> SpatialData:
 def _table_key(sdata: SpatialData, table_key: str | None) -> str:
     keys = list(sdata.tables.keys())
     if not keys:
-        raise ValueError("the SpatialData object has no table; spavae needs a table of counts")
+        raise ValueError("the SpatialData object has no table; spavae needs a table of counts (an AnnData "
+                         "store written with write_zarr is not SpatialData: save it with write_h5ad and read that)")
     if table_key is None:
         return keys[0]
     if table_key not in keys:
@@ -179,8 +180,8 @@ def write_spatialdata(
     table_key
         The table to update; default: the one ``adata`` was read from.
     obsm_keys, obs_keys
-        What to copy; default every ``obsm`` and ``obs`` entry whose name starts with ``'spavae'``
-        (e.g. ``obsm['X_spavae']`` is copied too, as is any ``X_spavae*``).
+        What to copy; default every ``obsm`` and ``obs`` entry whose name contains ``'spavae'``
+        (``obsm['X_spavae']``, ``obs['spavae_domain']``, ...).
 
     Returns
     -------
@@ -189,8 +190,8 @@ def write_spatialdata(
     sdata = _load(target)
     table_key = _table_key(sdata, table_key or adata.uns.get("spavae_source", {}).get("table_key"))
     table = sdata.tables[table_key]
-    obsm_keys = obsm_keys if obsm_keys is not None else tuple(k for k in adata.obsm if RESULT_PREFIX in k)
-    obs_keys = obs_keys if obs_keys is not None else tuple(c for c in adata.obs if c.startswith(RESULT_PREFIX))
+    obsm_keys = obsm_keys if obsm_keys is not None else tuple(k for k in adata.obsm if RESULT_TAG in k)
+    obs_keys = obs_keys if obs_keys is not None else tuple(c for c in adata.obs if RESULT_TAG in c)
     missing = [k for k in obsm_keys if k not in adata.obsm] + [k for k in obs_keys if k not in adata.obs]
     if missing:
         raise KeyError(f"adata has no {missing} to write; run model.write_results(adata) first")
