@@ -98,8 +98,9 @@ def make_xenium(folder: Path, *, n_cells: int = 15, cells_format: str = "csv.gz"
     counts = rng.poisson(2.0, size=(n_cells, len(genes)))
     write_10x_h5(folder / "cell_feature_matrix.h5", counts, cell_ids, genes, types)
     cells = pd.DataFrame({"cell_id": cell_ids, "x_centroid": rng.uniform(0, 500, n_cells).round(4),
-                          "y_centroid": rng.uniform(0, 300, n_cells).round(4), "transcript_counts": counts[:, :3].sum(1),
-                          "cell_area": rng.uniform(20, 80, n_cells).round(4)}).sample(frac=1.0, random_state=seed)
+                          "y_centroid": rng.uniform(0, 300, n_cells).round(4),
+                          "transcript_counts": counts[:, :3].sum(1), "cell_area": rng.uniform(20, 80, n_cells).round(4)})
+    cells = cells.sample(frac=1.0, random_state=seed)  # file order != matrix order
     if cells_format == "parquet":
         cells.to_parquet(folder / "cells.parquet", index=False)
     else:

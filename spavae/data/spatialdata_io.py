@@ -74,7 +74,9 @@ def _table_attrs(table: ad.AnnData, table_key: str) -> dict[str, Any]:
             "region_key": attrs[TableModel.REGION_KEY_KEY], "instance_key": attrs[TableModel.INSTANCE_KEY]}
 
 
-def _region_rows(table: ad.AnnData, attrs: dict[str, Any], region: str | None, table_key: str) -> tuple[str, np.ndarray]:
+def _region_rows(
+    table: ad.AnnData, attrs: dict[str, Any], region: str | None, table_key: str
+) -> tuple[str, np.ndarray]:
     regions = attrs["regions"]
     if region is None:
         if len(regions) > 1:
@@ -90,8 +92,7 @@ def _centroids(sdata: SpatialData, region: str, instances: pd.Series, coordinate
     spatialdata = _spatialdata()
     if region not in sdata:
         raise KeyError(f"the table's region '{region}' is not an element of the SpatialData object")
-    centroids = spatialdata.get_centroids(sdata[region], coordinate_system=coordinate_system)
-    centroids = centroids.compute() if hasattr(centroids, "compute") else centroids
+    centroids = spatialdata.get_centroids(sdata[region], coordinate_system=coordinate_system).compute()
     missing = pd.Index(instances).difference(centroids.index)
     if len(missing):
         raise ValueError(f"{len(missing)} instance(s) of the table are not in region '{region}' (e.g. "
