@@ -1,6 +1,8 @@
-"""Readers for the spaVAE HDF5 layout and for AnnData ``.h5ad`` files.
+"""Readers for the spaVAE HDF5 layout and for AnnData ``.h5ad`` files, and :func:`read`, which tells
+the format of a path and calls the right reader (10x folders: :mod:`spavae.data.tenx`; SpatialData:
+:mod:`spavae.data.spatialdata_io`).
 
-Both return an :class:`anndata.AnnData` with raw counts in ``.X``, the spot coordinates in
+All return an :class:`anndata.AnnData` with raw counts in ``.X``, the spot coordinates in
 ``obsm['spatial']`` and, when the file has them, ground-truth labels in ``obs['ground_truth']``.
 """
 
@@ -132,6 +134,74 @@ def read_h5ad(
     return adata
 
 
+SUPPORTED_FORMATS = (
+    "a Space Ranger Visium folder (filtered_feature_bc_matrix.h5 + spatial/)",
+    "a Visium HD folder (binned_outputs/ or a square_XXXum bin folder)",
+    "a Xenium folder (cell_feature_matrix.h5 + cells.parquet or cells.csv.gz)",
+    "a SpatialData .zarr store",
+    "an .h5ad file",
+    "a spaVAE-layout .h5 file (X, pos[, Y, gene, cell])",
+)
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """Name the format of ``path`` without reading it.
+
+    Returns
+    -------
+    ``'visium'``, ``'visium-hd'``, ``'xenium'``, ``'spatialdata'``, ``'h5ad'`` or ``'spavae-h5'``;
+    anything else raises a ValueError listing the supported formats.
+    """
+    from spavae.data.tenx import BIN_FOLDER, MATRIX_FILE, XENIUM_MATRIX_FILE  # tenx builds on this module
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.suffix == ".zarr":
+        return "spatialdata"
+    if path.is_dir():
+        if (path / "binned_outputs").is_dir() or BIN_FOLDER.match(path.name):
+            return "visium-hd"
+        if (path / MATRIX_FILE).is_file() and (path / "spatial").is_dir():
+            return "visium"
+        if (path / XENIUM_MATRIX_FILE).is_file():
+            return "xenium"
+    elif path.suffix == ".h5ad":
+        return "h5ad"
+    elif path.suffix in (".h5", ".hdf5"):
+        if path.name in (MATRIX_FILE, XENIUM_MATRIX_FILE):
+            raise ValueError(f"{path} is a 10x count matrix without coordinates; pass the folder that holds it "
+                             "(the Space Ranger 'outs' folder or the Xenium output folder)")
+        return "spavae-h5"
+    raise ValueError(f"spavae cannot tell the format of {path}; it reads " + "; ".join(SUPPORTED_FORMATS))
+
+
 def read(path: str | os.PathLike, **kwargs) -> ad.AnnData:
-    """Read ``.h5ad`` with :func:`read_h5ad` and anything else (``.h5``/``.hdf5``) with :func:`read_spavae_h5`."""
-    return read_h5ad(path, **kwargs) if str(path).endswith(".h5ad") else read_spavae_h5(path, **kwargs)
+    """Read spatial counts, telling the format from ``path`` (see :func:`detect_format`).
+
+    Parameters
+    ----------
+    path
+        A Visium, Visium HD or Xenium output folder, a SpatialData ``.zarr`` store, an ``.h5ad``
+        file or a spaVAE-layout ``.h5`` file.
+    **kwargs
+        Passed to the format's reader: :func:`spavae.data.read_visium`,
+        :func:`~spavae.data.read_visium_hd` (e.g. ``bin_size=16``), :func:`~spavae.data.read_xenium`,
+        :func:`~spavae.data.read_spatialdata` (e.g. ``table_key``), :func:`read_h5ad` or
+        :func:`read_spavae_h5`.
+
+    Returns
+    -------
+    AnnData with raw counts in ``.X`` and coordinates in ``obsm['spatial']``.
+    """
+    from spavae.data import spatialdata_io, tenx  # they build on this module
+
+    readers = {
+        "visium": tenx.read_visium,
+        "visium-hd": tenx.read_visium_hd,
+        "xenium": tenx.read_xenium,
+        "spatialdata": spatialdata_io.read_spatialdata,
+        "h5ad": read_h5ad,
+        "spavae-h5": read_spavae_h5,
+    }
+    return readers[detect_format(path)](path, **kwargs)
