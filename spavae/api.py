@@ -3,40 +3,34 @@
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import torch
-from gpytorch.kernels import Kernel
 
 import spavae
 from spavae.beta import PIController
-from spavae.data.inducing import grid_inducing_points, kmeans_inducing_points
-from spavae.data.preprocess import (
-    LocationScaler,
-    check_counts,
-    check_locations,
-    empty_masks,
-    normalize_log_scale,
-    size_factors,
-)
-from spavae.gp import SectionKernel, SpatialGP, make_kernel
-from spavae.likelihoods import (
-    BernoulliObservation,
-    NegativeBinomialObservation,
-    ProteinMixtureObservation,
-    background_prior_from_counts,
-)
-from spavae.model import Batch, SpaVAEModule
-from spavae.nn import ConvEncoder
-from spavae.train import Trainer, TrainingData, auto_batch_size
+from spavae.builder import GP_DTYPE, build_module
+from spavae.data.setup import DataSetup
+from spavae.data.spots import SpotData
+from spavae.likelihoods import NegativeBinomialObservation
+from spavae.train import Trainer, auto_batch_size
 from spavae.utils import atomic_path, resolve_device, resolve_dtype, set_seed
 
-GP_DTYPE = torch.float64
+logger = logging.getLogger("spavae")
+
+#: Version of the model-file layout written by :meth:`SpaVAE.save` (2: the fitted data setup and q(u) inside).
+MODEL_FORMAT = 2
+#: ``write_results`` writes the denoised layer in memory only up to this many spots x genes entries (200 MB in
+#: float32); above, it says so and :meth:`SpaVAE.write_denoised` streams the layer to disk instead.
+DENSE_OUTPUT_LIMIT = 50_000_000
 
 #: The original's five models as settings of :class:`SpaVAE` (``init``) and its training defaults (``train``).
 VARIANTS = {
@@ -54,56 +48,41 @@ VARIANTS = {
 class SpaVAE:
     """spaVAE: a VAE whose first latent dimensions have a Gaussian-process prior over spot locations.
 
+    Building a model takes three steps, each in its own place: fit the data setup
+    (:meth:`DataSetup.fit <spavae.data.setup.DataSetup.fit>`: genes, size-factor reference, encoder-input statistics,
+    location frames, inducing points), prepare the spots (:class:`~spavae.data.spots.SpotData`: sparse counts, no
+    dense copy) and build the module (:func:`~spavae.builder.build_module`). Then :meth:`train`.
+
     Parameters
     ----------
     adata
-        Spots x genes AnnData with raw counts (in ``.X`` or ``layers[layer]``) and coordinates in
-        ``obsm[spatial_key]``. Spots or genes with zero total count are refused: remove them with
-        :func:`spavae.data.filter_empty`, which reports what it removes.
+        Spots x genes AnnData with raw integer counts (in ``.X`` or ``layers[layer]``; dense, sparse, or on disk
+        with ``backed='r'``) and coordinates in ``obsm[spatial_key]``. Spots or genes with zero total count are
+        refused: remove them with :func:`spavae.data.filter_empty`, which reports what it removes. At least
+        20 spots and 2 genes.
     layer
         Layer with the raw counts (``None`` = ``.X``).
     spatial_key
         ``obsm`` key of the ``n_obs x 2`` coordinates.
     batch_key
         ``obs`` column naming the section of each spot, for several sections in one model (spaVAE_Batch):
-        coordinates are scaled per section, the GP kernel is zero across sections (:class:`~spavae.gp.SectionKernel`,
-        one kernel copy per section with ``per_section_kernel``), inducing points are replicated per section, the
-        one-hot section is fed to encoder and decoder, and the NB dispersion is per gene and section.
+        coordinates are scaled per section, the GP kernel is zero across sections (:class:`~spavae.gp.SectionKernel`),
+        inducing points are replicated per section, the one-hot section is fed to encoder and decoder, and the NB
+        dispersion is per gene and section.
     protein_key
         ``obsm`` key of spots x proteins counts, modelled with the NB mixture of spaMultiVAE next to the genes.
     likelihood
         ``'nb'`` for counts or ``'bernoulli'`` for binarised peaks (spaPeakVAE; the matrix is binarised).
-    n_gp, n_gauss
-        Number of GP-prior and standard-normal latent dimensions (2 and 8).
-    encoder
-        ``'dense'`` (the original's MLP) or ``'conv'``: a ``Conv1d(1 -> 2, k=5)`` + ``MaxPool1d(2)`` front-end
-        over the input before the dense layers (:class:`~spavae.nn.ConvEncoder`, slightly fewer parameters).
-    encoder_layers, decoder_layers
-        Hidden widths ((128, 64) and (128,)).
-    decoder
-        ``'mlp'`` or ``'linear'`` (positive weights, spaLDVAE); ``protein_layers`` are the protein trunks' widths.
-    latent_distribution, learn_gauss_prior
-        ``'lognormal'`` decodes ``exp(z)`` (spaLDVAE); ``learn_gauss_prior`` learns the Gaussian dims' prior.
-    dispersion
-        ``'gene'``, ``'gene-batch'`` or ``'auto'`` (per gene and section when ``batch_key`` is given).
-    kernel
-        ``'cauchy'`` (default), ``'eq'``, ``'matern12/32/52'``, or any :class:`gpytorch.kernels.Kernel` on 2-D inputs.
-    kernel_scale, fix_kernel_scale
-        Initial (or fixed) scale of the built-in kernels (20; the lengthscale for Matern).
-    per_dimension_kernel, per_section_kernel
-        One kernel (hyperparameters) per GP dimension (spaLDVAE), per section (spaVAE_Batch).
-    variational
-        ``'closed_form'`` (spaVAE's batch-optimal q(u)) or ``'learned'`` (a global GPyTorch q(u)); see
-        :class:`~spavae.gp.SpatialGP`.
-    inducing, inducing_steps, n_inducing
-        ``'grid'`` with ``(inducing_steps + 1)**2`` points (steps 6 = 49 points) or ``'kmeans'`` with
-        ``n_inducing`` centroids.
-    learn_inducing
-        Train the inducing locations (fixed in the original).
+    n_top_genes
+        Keep this many highly variable genes (count-based Seurat v3, :func:`spavae.data.genes.highly_variable_genes`);
+        ``'auto'`` keeps 2,000 when the input has more than 6,000 genes (whole transcriptomes) and every gene
+        otherwise (targeted panels, the preselected DLPFC genes); ``None`` keeps every gene.
     loc_range
-        Coordinates are min-max scaled per axis to ``[0, loc_range]`` (20).
-    dropout
-        Dropout rate of the networks.
+        Coordinates are min-max scaled per axis (and per section) to ``[0, loc_range]`` (20).
+    inducing, inducing_steps, n_inducing
+        ``'grid'``: ``(inducing_steps + 1)**2`` points (steps 6 = 49 points); ``'kmeans'``: ``n_inducing``
+        centroids of the scaled locations; ``'auto'``: the grid up to 20,000 spots, else ``n_spots / 500``
+        k-means centroids (49 to 400) that follow the tissue (:func:`spavae.data.setup.auto_inducing`).
     gp_n_obs
         ``N`` in the ``N/b`` rescaling: ``'all'`` spots (the original) or only the ``'train'`` split.
     dtype
@@ -112,6 +91,16 @@ class SpaVAE:
         ``'auto'`` (CUDA if available), ``'cpu'`` or ``'cuda'``.
     seed
         Seed for weight initialisation, the split, shuffling and sampling.
+    setup
+        A fitted :class:`~spavae.data.setup.DataSetup` to use instead of fitting one on ``adata`` (how
+        :meth:`load` applies a saved model to new spots); the data options above are then taken from it.
+    **module_options
+        Architecture options of :func:`~spavae.builder.build_module`: ``n_gp`` and ``n_gauss`` (2 and 8),
+        ``encoder`` (``'dense'``/``'conv'``), ``encoder_layers``, ``decoder_layers``, ``decoder``
+        (``'mlp'``/``'linear'``), ``protein_layers``, ``latent_distribution``, ``learn_gauss_prior``,
+        ``dispersion``, ``kernel`` (``'cauchy'``, ``'eq'``, ``'matern12/32/52'`` or any GPyTorch kernel),
+        ``kernel_scale``, ``fix_kernel_scale``, ``per_dimension_kernel``, ``per_section_kernel``,
+        ``variational`` (``'closed_form'``/``'learned'``), ``learn_inducing``, ``dropout``.
     """
 
     def __init__(
@@ -123,106 +112,48 @@ class SpaVAE:
         batch_key: str | None = None,
         protein_key: str | None = None,
         likelihood: str = "nb",
-        n_gp: int = 2,
-        n_gauss: int = 8,
-        encoder: str = "dense",
-        encoder_layers: Sequence[int] = (128, 64),
-        decoder_layers: Sequence[int] = (128,),
-        decoder: str = "mlp",
-        protein_layers: Sequence[int] = (128,),
-        latent_distribution: str = "normal",
-        learn_gauss_prior: bool = False,
-        dispersion: str = "auto",
-        kernel: str | Kernel = "cauchy",
-        kernel_scale: float = 20.0,
-        fix_kernel_scale: bool = False,
-        per_dimension_kernel: bool = False,
-        per_section_kernel: bool = True,
-        variational: str = "closed_form",
-        inducing: str = "grid",
+        n_top_genes: int | str | None = "auto",
+        loc_range: float = 20.0,
+        inducing: str = "auto",
         inducing_steps: int = 6,
         n_inducing: int | None = None,
-        learn_inducing: bool = False,
-        loc_range: float = 20.0,
-        dropout: float = 0.0,
         gp_n_obs: str = "all",
         dtype: str | torch.dtype = "float32",
         device: str | torch.device = "auto",
         seed: int = 0,
+        setup: DataSetup | None = None,
+        **module_options,
     ):
-        self.init_params = {k: v for k, v in locals().items() if k not in ("self", "adata", "__class__")}
-        if not isinstance(adata, ad.AnnData):
-            raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
-        if not isinstance(n_gp, int) or n_gp < 1:
-            raise ValueError(f"n_gp must be a positive integer, got {n_gp!r}")
-        if not isinstance(n_gauss, int) or n_gauss < 0:
-            raise ValueError(f"n_gauss must be a non-negative integer, got {n_gauss!r}")
-        for name, value, allowed in (("gp_n_obs", gp_n_obs, ("all", "train")), ("inducing", inducing, ("grid", "kmeans")),
-                                     ("encoder", encoder, ("dense", "conv")),
-                                     ("likelihood", likelihood, ("nb", "bernoulli")),
-                                     ("dispersion", dispersion, ("auto", "gene", "gene-batch"))):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        self.init_params = {k: v for k, v in locals().items()
+                            if k not in ("self", "adata", "setup", "module_options", "__class__")} | module_options
+        if gp_n_obs not in ("all", "train"):
+            raise ValueError(f"gp_n_obs must be one of ['all', 'train'], got {gp_n_obs!r}")
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         set_seed(seed)
-        if adata.n_obs < 4:
-            raise ValueError(f"spavae needs at least 4 spots, got {adata.n_obs}")
-        self.var_names = pd.Index(adata.var_names).copy()
-        self.obs_names = pd.Index(adata.obs_names).copy()
-        counts = self._counts(adata, layer)
-        sections = self._sections(adata, batch_key)
-        gp_locations, inducing_points = self._locations(adata, spatial_key, sections, inducing, inducing_steps,
-                                                        n_inducing, loc_range, seed)
-        n_batch = 0 if sections is None else sections.shape[1]
-        if likelihood == "bernoulli":  # spaPeakVAE: the binary matrix is both encoder input and target
-            counts = (counts > 0).astype(np.float64)
-            self.size_factors = np.ones(adata.n_obs)
-            expression = counts
-        else:
-            self.size_factors = size_factors(counts)
-            expression = normalize_log_scale(counts, self.size_factors)
-        proteins = self._proteins(adata, protein_key)
-        n_genes = counts.shape[1]
-        if proteins is not None:  # spaMultiVAE: proteins are log1p + z-scored without size factors
-            expression = np.hstack([expression, normalize_log_scale(proteins, np.ones(adata.n_obs))])
-            counts = np.hstack([counts, proteins])
-
-        spatial_kernel = make_kernel(kernel, scale=kernel_scale, fixed=fix_kernel_scale,
-                                     batch_shape=torch.Size([n_gp]) if per_dimension_kernel else torch.Size([]))
-        if sections is not None:
-            spatial_kernel = SectionKernel(spatial_kernel, n_batch, per_section=per_section_kernel)
-        gp = SpatialGP(torch.as_tensor(inducing_points, dtype=GP_DTYPE), n_gp, spatial_kernel,
-                       learn_inducing_locations=learn_inducing, variational=variational)
-        n_latent = n_gp + n_gauss
-        if likelihood == "bernoulli":
-            observations = [BernoulliObservation(n_genes, n_latent, expression.shape[1], tuple(decoder_layers),
-                                                 tuple(encoder_layers), n_batch=n_batch, dropout=dropout)]
-        else:
-            dispersion = ("gene-batch" if n_batch else "gene") if dispersion == "auto" else dispersion
-            observations = [NegativeBinomialObservation(n_genes, n_latent, tuple(decoder_layers), decoder=decoder,
-                                                        n_batch=n_batch, dispersion=dispersion, dropout=dropout)]
-        if proteins is not None:
-            prior_mean, prior_log_sd = background_prior_from_counts(proteins, seed=seed)
-            observations.append(ProteinMixtureObservation(
-                proteins.shape[1], n_latent, tuple(protein_layers), n_batch=n_batch, prior_mean=prior_mean,
-                prior_log_sd=prior_log_sd, dropout=dropout, columns=slice(n_genes, n_genes + proteins.shape[1])))
-        self.module = SpaVAEModule(expression.shape[1], gp, n_gauss, adata.n_obs, observations,
-                                   encoder_layers=tuple(encoder_layers), dropout=dropout, n_batch=n_batch,
-                                   latent_distribution=latent_distribution, learn_gauss_prior=learn_gauss_prior,
-                                   encoder=ConvEncoder(expression.shape[1] + n_batch, n_latent, tuple(encoder_layers),
-                                                       dropout=dropout) if encoder == "conv" else None)
-        self.module.to(self.dtype)
-        self.module.gp.to(GP_DTYPE)
+        self.setup = setup if setup is not None else DataSetup.fit(
+            adata, layer=layer, spatial_key=spatial_key, batch_key=batch_key, protein_key=protein_key,
+            likelihood=likelihood, n_top_genes=n_top_genes, loc_range=loc_range, inducing=inducing,
+            inducing_steps=inducing_steps, n_inducing=n_inducing, seed=seed)
+        self.data = SpotData(adata, self.setup, device=self.device, dtype=self.dtype, gp_dtype=GP_DTYPE)
+        try:
+            self.module = build_module(self.setup, n_obs=len(self.data), dtype=self.dtype, **module_options)
+        except TypeError as err:  # an unknown keyword argument
+            raise TypeError(f"SpaVAE got an unexpected option: {err}") from None
         self.module.to(self.device)
-
-        def tensor(values, dtype=self.dtype):
-            return None if values is None else torch.as_tensor(values, dtype=dtype, device=self.device)
-
-        self.data = TrainingData(tensor(expression), tensor(gp_locations, GP_DTYPE), tensor(counts),
-                                 tensor(self.size_factors), tensor(sections))
         self.history: pd.DataFrame = pd.DataFrame()
         self.is_trained = False
         self.train_params: dict = {}
+        self._gp_posterior: dict | None = None
+
+    @property
+    def var_names(self) -> pd.Index:
+        """The model's genes, in the order of its outputs."""
+        return pd.Index(self.setup.genes)
+
+    @property
+    def obs_names(self) -> pd.Index:
+        """The spots the model's outputs refer to (those of the AnnData it was built or loaded with)."""
+        return self.data.obs_names
 
     @classmethod
     def from_variant(cls, variant: str, adata: ad.AnnData, **kwargs) -> SpaVAE:
@@ -237,76 +168,12 @@ class SpaVAE:
             kwargs["n_gauss"] = kwargs["n_gp"]
         return cls(adata, **(settings | kwargs))
 
-    @staticmethod
-    def _sections(adata: ad.AnnData, batch_key: str | None) -> np.ndarray | None:
-        if batch_key is None:
-            return None
-        if batch_key not in adata.obs:
-            raise KeyError(f"adata.obs has no column '{batch_key}' (batch_key); columns: {list(adata.obs.columns)}")
-        labels = pd.Categorical(adata.obs[batch_key].astype(str))
-        if len(labels.categories) < 2:
-            raise ValueError(f"obs['{batch_key}'] has a single section; drop batch_key for one section")
-        return np.eye(len(labels.categories))[labels.codes]
-
-    def _locations(self, adata, spatial_key, sections, inducing, steps, n_inducing, loc_range, seed):
-        """Scaled GP inputs (``[x, y]`` or ``[x, y, one-hot]``) and inducing points, per section when given."""
-        if spatial_key not in adata.obsm:
-            raise KeyError(f"adata.obsm has no '{spatial_key}' with spot coordinates; keys: {list(adata.obsm.keys())}")
-        locations = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
-        check_locations(locations, adata.n_obs, where=f"obsm['{spatial_key}']")
-        groups = [np.ones(adata.n_obs, dtype=bool)] if sections is None else [c.astype(bool) for c in sections.T]
-        scaled = np.zeros_like(locations)
-        self.scalers, all_points = [], []
-        for index, members in enumerate(groups):
-            scaler = LocationScaler(loc_range).fit(locations[members])
-            scaled[members] = scaler.transform(locations[members])
-            self.scalers.append(scaler)
-            if inducing == "grid":
-                points = grid_inducing_points(steps, loc_range)
-            else:
-                points = kmeans_inducing_points(scaled[members], n_inducing if n_inducing is not None else 49, seed=seed)
-            if sections is not None:
-                points = np.hstack([points, np.tile(np.eye(len(groups))[index], (len(points), 1))])
-            all_points.append(points)
-        self.scaler = self.scalers[0] if sections is None else None
-        gp_locations = scaled if sections is None else np.hstack([scaled, sections])
-        return gp_locations, np.vstack(all_points)
-
-    @staticmethod
-    def _counts(adata: ad.AnnData, layer: str | None) -> np.ndarray:
-        if layer is not None and layer not in adata.layers:
-            raise KeyError(f"adata has no layer '{layer}'; layers: {list(adata.layers.keys())}")
-        matrix = adata.X if layer is None else adata.layers[layer]
-        if matrix is None:
-            raise ValueError("adata.X is empty; pass layer= to name the layer with raw counts")
-        where = f"layers['{layer}']" if layer else "adata.X"
-        check_counts(matrix, where=where)
-        empty_spots, empty_genes = empty_masks(matrix)
-        if empty_spots.any() or empty_genes.any():
-            raise ValueError(
-                f"{where} has {int(empty_spots.sum())} spot(s) and {int(empty_genes.sum())} gene(s) with zero total "
-                "count. Remove them first with `adata = spavae.data.filter_empty(adata)` (it reports what it removes "
-                "and keeps locations aligned)."
-            )
-        return matrix.toarray() if hasattr(matrix, "toarray") else np.asarray(matrix)
-
-    @staticmethod
-    def _proteins(adata: ad.AnnData, protein_key: str | None) -> np.ndarray | None:
-        if protein_key is None:
-            return None
-        if protein_key not in adata.obsm:
-            raise KeyError(f"adata.obsm has no '{protein_key}' with protein counts; keys: {list(adata.obsm.keys())}")
-        proteins = np.asarray(adata.obsm[protein_key], dtype=np.float64)
-        if proteins.ndim != 2 or proteins.shape[0] != adata.n_obs:
-            raise ValueError(f"obsm['{protein_key}'] must be spots x proteins, got shape {proteins.shape}")
-        check_counts(proteins, where=f"obsm['{protein_key}']")
-        return proteins
-
     # ------------------------------------------------------------------ training
     def train(
         self,
         *,
         max_epochs: int = 400,
+        max_steps: int | str | None = "auto",
         lr: float = 5e-3,
         weight_decay: float = 1e-6,
         batch_size: int | str = "auto",
@@ -326,18 +193,29 @@ class SpaVAE:
     ) -> SpaVAE:
         """Train the model (AdamW, early stopping on the validation loss, PI-controlled beta).
 
+        Training ends at ``max_epochs``, at ``max_steps``, on early stopping or on a numerical failure (a NaN loss
+        or a failed Cholesky factorisation: a warning with advice); in every case with the best validation weights
+        (or, without validation, the last good ones). Then the GP posterior q(u) given all spots is computed once
+        and kept: latents, denoising, prediction and the saved model use it.
+
         Parameters
         ----------
         max_epochs
-            Maximum number of epochs.
+            Maximum number of epochs. An epoch is one pass over the training spots, or
+            :data:`~spavae.train.MAX_STEPS_PER_EPOCH` steps on a fresh random sample of them for large sections,
+            so that validation, early stopping and the history keep their rhythm whatever the number of spots.
+        max_steps
+            Budget of optimisation steps; ``'auto'`` is :data:`~spavae.train.AUTO_MAX_STEPS` (10,000: it binds only
+            above about 13,000 spots, where it caps the training time) and ``None`` means no budget.
         lr, weight_decay
             AdamW settings.
         batch_size
             Mini-batch size or ``'auto'`` (128/256/512 by number of spots).
         train_size
-            Training fraction; the rest is held out for early stopping (1.0 = no validation).
+            Training fraction; the rest (at most :data:`~spavae.train.MAX_VALIDATION` spots, and none if that would
+            be a single spot) is held out for early stopping (1.0 = no validation).
         patience
-            Early-stopping patience in epochs; the best weights are restored at the end.
+            Early-stopping patience in epochs.
         beta
             Initial (or, with ``dynamic_beta=False``, fixed) KL weight.
         dynamic_beta, beta_min, beta_max, kl_target
@@ -364,16 +242,21 @@ class SpaVAE:
         generator = torch.Generator().manual_seed(self.init_params["seed"])
         trainer = Trainer(self.module, self.data, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                           train_size=train_size, patience=patience, beta=controller, num_samples=num_samples,
-                          noise=noise, generator=generator, lr_scheduler=lr_scheduler, callbacks=callbacks)
+                          noise=noise, generator=generator, lr_scheduler=lr_scheduler, callbacks=callbacks,
+                          max_steps=max_steps)
         if resume is not None:
             trainer.load_state_dict(resume)
         if self.init_params["gp_n_obs"] == "train":
             self.module.n_obs = len(trainer.train_index)
-        if resume is None or (trainer.state.stop_reason is None and trainer.state.epoch < max_epochs):
-            trainer.fit(max_epochs - trainer.state.epoch, progress=progress)
-        self.trainer = trainer
-        self.history = pd.DataFrame(trainer.state.history)
+        self.trainer, self._gp_posterior = trainer, None
+        try:
+            if not trainer.finished(max_epochs):
+                trainer.fit(max_epochs - trainer.state.epoch, progress=progress)
+        finally:
+            trainer.restore_best()
+            self.history = pd.DataFrame(trainer.state.history)
         self.is_trained = True
+        self.refresh_gp_posterior()
         return self
 
     # ------------------------------------------------------------------ outputs
@@ -383,70 +266,146 @@ class SpaVAE:
             raise RuntimeError("the model is not trained yet: call .train() first (or SpaVAE.load a trained one)")
 
     def check_same_spots(self, adata: ad.AnnData) -> None:
-        """Raise unless the model is trained and ``adata`` holds its spots and genes, in the same order."""
+        """Raise unless the model is trained and ``adata`` holds its spots, in the same order, and its genes."""
         self.check_trained()
-        if list(adata.obs_names) != list(self.obs_names) or list(adata.var_names) != list(self.var_names):
-            raise ValueError(
-                "adata does not hold the spots and genes the model was trained on (names or order differ); "
-                "pass the AnnData the model was built from"
-            )
+        if list(adata.obs_names) != list(self.obs_names):
+            raise ValueError("adata does not hold the spots of the model (names or order differ); pass the AnnData "
+                             "the model was built or loaded with")
+        self.setup.gene_columns(adata)
 
-    def _batch(self, rows) -> Batch:
-        covariates = None if self.data.covariates is None else self.data.covariates[rows]
-        return Batch(self.data.expression[rows], self.data.locations[rows], None, self.data.size_factors[rows],
-                     covariates)
+    def _spots(self, adata: ad.AnnData | None) -> SpotData:
+        """The model's own spots, or those of ``adata`` prepared with the fitted setup."""
+        if adata is None:
+            return self.data
+        return SpotData(adata, self.setup, device=self.device, dtype=self.dtype, gp_dtype=GP_DTYPE)
+
+    def _batch_size(self, batch_size: int | None, spots: SpotData) -> int:
+        if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        return int(batch_size or auto_batch_size(len(spots)))
 
     @torch.no_grad()
-    def encode_all(self, batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder means and variances of every training spot (``n_obs x D``), in eval mode and in chunks."""
-        batch_size = batch_size or auto_batch_size(len(self.data))
+    def encode_all(self, batch_size: int | None = None, *, adata: ad.AnnData | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder means and variances of every spot (``n_obs x D``), in eval mode and in chunks."""
+        spots = self._spots(adata)
         self.module.eval()
-        outs = [self.module.encode(b.expression, b.covariates)
-                for b in (self._batch(slice(i, i + batch_size)) for i in range(0, len(self.data), batch_size))]
+        outs = [self.module.encode(b.expression, b.covariates) for b in spots.chunks(self._batch_size(batch_size, spots))]
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
+    def refresh_gp_posterior(self, batch_size: int | None = None) -> None:
+        """Recompute the kept q(u) from the model's current spots and weights (done at the end of :meth:`train`;
+        needed only after replacing ``model.data``, as the permutation null of the SVG test does)."""
+        self._gp_posterior = self._full_data_posterior(batch_size)
+
     @torch.no_grad()
-    def latent_posterior(self, *, mode: str = "full", batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _full_data_posterior(self, batch_size: int | None = None) -> dict | None:
+        """q(u) given the encoder outputs of all of the model's spots (b = N), computed chunk by chunk."""
+        self.module.eval()
+        n_gp, gp = self.module.n_gp, self.module.gp
+
+        def chunks():
+            for b in self.data.chunks(self._batch_size(batch_size, self.data)):
+                omega, phi2 = self.module.encode(b.expression, b.covariates)
+                yield b.locations, omega[:, :n_gp].to(GP_DTYPE), phi2[:, :n_gp].to(GP_DTYPE)
+
+        gp.condition_on_chunks(chunks())
+        return gp.posterior_state()
+
+    @torch.no_grad()
+    def latent_posterior(self, *, mode: str = "full", batch_size: int | None = None,
+                         adata: ad.AnnData | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Means and variances of ``q(z)`` for every spot (``n_obs x D`` tensors).
 
         Parameters
         ----------
         mode
-            ``'full'``: the exact sparse-GP posterior given the encoder outputs of all spots (``b = N``).
-            ``'chunked'``: the original's approximation, one mini-batch posterior per contiguous chunk of
+            ``'full'``: the sparse-GP posterior given the encoder outputs of all training spots (``b = N``), fitted
+            once after training and saved with the model, so a spot's latent does not depend on which other spots
+            are passed. ``'chunked'``: the original's approximation, one mini-batch posterior per contiguous chunk of
             ``batch_size`` spots with ``N/|chunk|`` rescaling.
         batch_size
             Chunk size (memory bound; ``'auto'`` rule by default).
+        adata
+            Spots to embed, prepared with the model's fitted setup (default: the model's own spots).
         """
         self.check_trained()
         if mode not in ("full", "chunked"):
             raise ValueError(f"mode must be 'full' or 'chunked', got {mode!r}")
-        batch_size = batch_size or auto_batch_size(len(self.data))
-        omega, phi2 = self.encode_all(batch_size)
+        spots = self._spots(adata)
+        batch_size = self._batch_size(batch_size, spots)
+        omega, phi2 = self.encode_all(batch_size, adata=adata)
         self.module.eval()
-        n_gp, locs = self.module.n_gp, self.data.locations
+        n_gp, gp, locs = self.module.n_gp, self.module.gp, spots.locations
         means, variances = [], []
         if mode == "full":
-            self.module.gp.condition_on(locs, omega[:, :n_gp].to(GP_DTYPE), phi2[:, :n_gp].to(GP_DTYPE), len(locs))
+            gp.set_posterior_state(self._gp_posterior)
         for start in range(0, len(locs), batch_size):
             rows = slice(start, start + batch_size)
             if mode == "chunked":
-                self.module.gp.condition_on(locs[rows], omega[rows, :n_gp].to(GP_DTYPE), phi2[rows, :n_gp].to(GP_DTYPE),
-                                            self.module.n_obs)
-            mean, var = self.module.gp.marginals(locs[rows])
+                gp.condition_on(locs[rows], omega[rows, :n_gp].to(GP_DTYPE), phi2[rows, :n_gp].to(GP_DTYPE),
+                                self.module.n_obs)
+            mean, var = gp.marginals(locs[rows])
             means.append(mean), variances.append(var)
         gp_mean = torch.cat(means).to(omega.dtype)
         gp_var = torch.cat(variances).to(omega.dtype)
         return torch.cat([gp_mean, omega[:, n_gp:]], 1), torch.cat([gp_var, phi2[:, n_gp:]], 1)
 
-    def get_latent_representation(self, *, mode: str = "full", batch_size: int | None = None) -> np.ndarray:
+    def get_latent_representation(self, *, mode: str = "full", batch_size: int | None = None,
+                                  adata: ad.AnnData | None = None) -> np.ndarray:
         """The latent embedding: GP posterior means then the Gaussian encoder means (``n_obs x D``)."""
-        return self.latent_posterior(mode=mode, batch_size=batch_size)[0].cpu().numpy()
+        return self.latent_posterior(mode=mode, batch_size=batch_size, adata=adata)[0].cpu().numpy()
+
+    def _gene_positions(self, genes: Sequence[str] | None) -> np.ndarray | None:
+        if genes is None:
+            return None
+        genes = [genes] if isinstance(genes, str) else list(genes)
+        positions = self.var_names.get_indexer(genes)
+        missing = [g for g, p in zip(genes, positions) if p < 0]
+        if missing:
+            raise KeyError(f"gene(s) {missing[:5]} are not among the model's {len(self.var_names)} genes")
+        return positions
 
     @torch.no_grad()
+    def iter_denoised(self, *, n_samples: int = 25, library_size: str = "observed", mode: str = "full",
+                      batch_size: int | None = None, modality: str = "genes", genes: Sequence[str] | None = None,
+                      seed: int = 0, adata: ad.AnnData | None = None):
+        """Denoised values chunk by chunk: yields ``(start, block)`` with ``block`` a ``float32`` array of the
+        spots ``start:start + len(block)`` (see :meth:`get_denoised_counts` for the parameters).
+
+        Memory is one chunk of spots x genes at a time, so the whole matrix can be written to disk
+        (:meth:`write_denoised`) without ever being held.
+        """
+        if library_size not in ("observed", "normalized"):
+            raise ValueError(f"library_size must be 'observed' or 'normalized', got {library_size!r}")
+        if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
+            raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+        observation = {"genes": 0, "proteins": 1}.get(modality)
+        if observation is None or observation >= len(self.module.observations):
+            raise ValueError(f"modality must be 'genes' or, for a model with proteins, 'proteins'; got {modality!r}")
+        if genes is not None and modality != "genes":
+            raise ValueError("genes= selects model genes; it cannot be used with modality='proteins'")
+        positions = self._gene_positions(genes)
+        spots = self._spots(adata)
+        batch_size = self._batch_size(batch_size, spots)
+        mean, var = self.latent_posterior(mode=mode, batch_size=batch_size, adata=adata)
+        scale_by_library = library_size == "observed" and \
+            isinstance(self.module.observations[observation], NegativeBinomialObservation)
+        for chunk, start in enumerate(range(0, len(mean), batch_size)):
+            rows = slice(start, start + batch_size)
+            covariates = None if spots.covariates is None else spots.covariates[rows]
+            out = self.module.decode_posterior(mean[rows], var[rows], covariates=covariates, n_samples=n_samples,
+                                               batch_size=batch_size, seed=seed + chunk, observation=observation)
+            if positions is not None:
+                out = out[:, torch.as_tensor(positions, device=out.device)]
+            if scale_by_library:
+                out.mul_(spots.size_factors[rows, None])
+            yield start, out.cpu().numpy().astype(np.float32, copy=False)
+
     def get_denoised_counts(self, *, n_samples: int = 25, library_size: str = "observed", mode: str = "full",
-                            batch_size: int | None = None, modality: str = "genes", seed: int = 0) -> np.ndarray:
-        """Denoised values: the decoder output averaged over ``n_samples`` draws of ``q(z)``.
+                            batch_size: int | None = None, modality: str = "genes", genes: Sequence[str] | None = None,
+                            seed: int = 0, adata: ad.AnnData | None = None) -> np.ndarray:
+        """Denoised values: the decoder output averaged over ``n_samples`` draws of ``q(z)`` (``float32``).
 
         Parameters
         ----------
@@ -460,30 +419,60 @@ class SpaVAE:
         modality
             ``'genes'`` (or peaks: the probabilities ``h`` of spaPeakVAE, without spot and peak factors; always on
             the normalised scale) or ``'proteins'`` (foreground counts ``(1 - pi~)(1 + alpha) v`` of spaMultiVAE).
+        genes
+            Only these genes (columns in this order): ``n_obs x len(genes)`` in memory. For every gene of a large
+            section, stream to disk with :meth:`write_denoised` instead.
         seed
             Seed of the latent draws (the same seed gives the same result).
+        adata
+            Spots to denoise, prepared with the model's fitted setup (default: the model's own spots).
         """
-        if library_size not in ("observed", "normalized"):
-            raise ValueError(f"library_size must be 'observed' or 'normalized', got {library_size!r}")
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        observation = {"genes": 0, "proteins": 1}.get(modality)
-        if observation is None or observation >= len(self.module.observations):
-            raise ValueError(f"modality must be 'genes' or, for a model with proteins, 'proteins'; got {modality!r}")
-        mean, var = self.latent_posterior(mode=mode, batch_size=batch_size)
-        out = self.module.decode_posterior(mean, var, covariates=self.data.covariates, n_samples=n_samples,
-                                           batch_size=batch_size or auto_batch_size(len(self.data)), seed=seed,
-                                           observation=observation)
-        if library_size == "observed" and isinstance(self.module.observations[observation], NegativeBinomialObservation):
-            out = out * self.data.size_factors[:, None]
-        return out.cpu().numpy()
+        blocks = [block for _, block in self.iter_denoised(
+            n_samples=n_samples, library_size=library_size, mode=mode, batch_size=batch_size, modality=modality,
+            genes=genes, seed=seed, adata=adata)]
+        return np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
 
-    def write_results(self, adata: ad.AnnData, *, key_added: str = "spavae", denoise: bool = True,
+    def write_denoised(self, path: str | os.PathLike, *, key: str = "spavae_denoised", n_samples: int = 25,
+                       library_size: str = "observed", batch_size: int | None = None, seed: int = 0,
+                       adata: ad.AnnData | None = None, overwrite: bool = False) -> Path:
+        """Write the denoised counts of every spot and gene to ``layers[key]`` of a new ``.h5ad``, chunk by chunk.
+
+        The file holds the spots (``obs_names``, ``obsm['spatial']``) and the model's genes; the layer is written
+        block by block of spots, so no ``N x G`` array is ever in memory. Open it with
+        ``anndata.read_h5ad(path, backed='r')`` or read the layer's rows with h5py. The file appears only once
+        complete.
+        """
+        path = Path(path)
+        if path.suffix != ".h5ad":
+            raise ValueError(f"{path}: the denoised layer is written to an .h5ad file; give a path ending in .h5ad")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        spots = self._spots(adata)
+        shell = ad.AnnData(obs=pd.DataFrame(index=spots.obs_names.astype(str)),
+                           var=pd.DataFrame(index=self.var_names.astype(str)))
+        shell.obsm["spatial"] = self.setup.unscale_locations(spots.scaled_locations, spots.section_codes)
+        with atomic_path(path) as tmp:
+            shell.write_h5ad(tmp)
+            with h5py.File(tmp, "r+") as handle:
+                layers = handle.require_group("layers")
+                layers.attrs.setdefault("encoding-type", "dict")
+                layers.attrs.setdefault("encoding-version", "0.1.0")
+                shape = (len(spots), len(self.var_names))
+                dataset = layers.create_dataset(key, shape=shape, dtype="float32",
+                                                chunks=(min(shape[0], 1024), min(shape[1], 1024)))
+                dataset.attrs["encoding-type"], dataset.attrs["encoding-version"] = "array", "0.2.0"
+                for start, block in self.iter_denoised(n_samples=n_samples, library_size=library_size,
+                                                       batch_size=batch_size, seed=seed, adata=adata):
+                    dataset[start:start + len(block)] = block
+        return path
+
+    def write_results(self, adata: ad.AnnData, *, key_added: str = "spavae", denoise: bool | str = "auto",
                       n_samples: int = 25) -> None:
-        """Write the results into ``adata`` (which must hold the training spots in the same order).
+        """Write the results into ``adata`` (which must hold the model's spots in the same order).
 
         * ``obsm['X_<key>']``: the latent; ``obsm['X_<key>_gp']`` and ``obsm['X_<key>_gauss']`` its two parts;
-        * ``layers['<key>_denoised']``: denoised counts at the observed library size (with ``denoise``);
+        * ``layers['<key>_denoised']``: denoised counts at the observed library size (with ``denoise``; ``'auto'``
+          writes it up to 50 million spots x genes entries and otherwise says to use :meth:`write_denoised`);
         * ``uns['<key>']``: the model and training parameters, package versions and the final kernel scale.
         """
         self.check_same_spots(adata)
@@ -492,8 +481,20 @@ class SpaVAE:
         adata.obsm[f"X_{key_added}"] = latent
         adata.obsm[f"X_{key_added}_gp"] = latent[:, :n_gp]
         adata.obsm[f"X_{key_added}_gauss"] = latent[:, n_gp:]
+        if denoise == "auto":
+            denoise = len(self.obs_names) * len(self.var_names) <= DENSE_OUTPUT_LIMIT
+            if not denoise:
+                logger.warning("not writing layers['%s_denoised']: %d x %d values; use model.write_denoised(path) to "
+                               "stream them to disk, or get_denoised_counts(genes=[...]) for a few genes",
+                               key_added, len(self.obs_names), len(self.var_names))
         if denoise:
-            adata.layers[f"{key_added}_denoised"] = self.get_denoised_counts(n_samples=n_samples)
+            columns = self.setup.gene_columns(adata)
+            denoised = self.get_denoised_counts(n_samples=n_samples)
+            if columns is not None:  # adata has extra or reordered genes: write the model's genes in adata's order
+                full = np.zeros((adata.n_obs, adata.n_vars), dtype=np.float32)
+                full[:, columns] = denoised
+                denoised = full
+            adata.layers[f"{key_added}_denoised"] = denoised
             if len(self.module.observations) > 1:
                 adata.obsm[f"{key_added}_denoised_proteins"] = self.get_denoised_counts(n_samples=n_samples,
                                                                                         modality="proteins")
@@ -503,43 +504,67 @@ class SpaVAE:
         """Model and training parameters, versions and fitted kernel scale (JSON/h5ad friendly)."""
         init = {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
                 for k, v in self.init_params.items()}
-        init["encoder_layers"] = list(self.init_params["encoder_layers"])
-        init["decoder_layers"] = list(self.init_params["decoder_layers"])
+        for key in ("encoder_layers", "decoder_layers", "protein_layers"):
+            if key in self.init_params:
+                init[key] = list(self.init_params[key])
         versions = {name: importlib.metadata.version(name) for name in ("torch", "gpytorch", "pyro-ppl", "anndata")}
         versions["spavae"] = spavae.__version__
-        out = {"init": init, "train": dict(self.train_params), "versions": versions,
+        train = {k: v for k, v in self.train_params.items() if v is not None}
+        out = {"init": init, "train": train, "versions": versions, "n_genes": len(self.var_names),
+               "n_inducing": int(len(self.setup.inducing_points)),
                "kernel_scale": self.module.gp.kernel_scale, "n_epochs": int(len(self.history))}
+        if self.setup.gene_selection:
+            out["gene_selection"] = dict(self.setup.gene_selection)
         if "beta" in self.history:
             out["final_beta"] = float(self.history["beta"].iloc[-1])
         return {k: v for k, v in out.items() if v is not None}
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Save weights, init parameters, gene and spot names and history to one file (written atomically)."""
+        """Save weights, settings, the fitted data setup, the full-data q(u) and the history to one file.
+
+        The file is written atomically: a crash leaves any previous file untouched and no partial file.
+        """
         path = Path(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        payload = {"state_dict": self.module.state_dict(), "init_params": self.init_params,
-                   "train_params": self.train_params, "var_names": list(self.var_names),
-                   "obs_names": list(self.obs_names), "history": self.history.to_dict("list"),
-                   "is_trained": self.is_trained, "version": spavae.__version__}
+        posterior = self._gp_posterior if self._gp_posterior is not None else self._full_data_posterior()
+        payload = {"format": MODEL_FORMAT, "version": spavae.__version__, "state_dict": self.module.state_dict(),
+                   "init_params": self.init_params, "setup": self.setup.to_dict(), "gp_posterior": posterior,
+                   "train_params": self.train_params, "history": self.history.to_dict("list"),
+                   "is_trained": self.is_trained}
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
 
     @classmethod
     def load(cls, path: str | os.PathLike, adata: ad.AnnData, *, device: str | torch.device | None = None) -> SpaVAE:
-        """Load a model saved with :meth:`save` for ``adata`` (same genes, in the same order).
+        """Load a model saved with :meth:`save` and apply it to the spots of ``adata``.
 
+        ``adata`` needs the model's genes (any order; extra genes are ignored) and coordinates; for a
+        multi-section model, the section column. It is prepared with the **saved** data setup (genes,
+        size-factor reference, encoder statistics, location frames) and the saved q(u) gives the GP posterior,
+        so a spot's latent, denoised counts and predictions do not depend on which other spots are passed.
         The file is unpickled (it may hold a custom GPyTorch kernel): load only files you trust.
         """
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        if list(adata.var_names) != payload["var_names"]:
-            raise ValueError(f"adata's genes differ from the {len(payload['var_names'])} genes the model was trained on")
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such model file")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a model file"
+            raise ValueError(f"{path} is not a readable spavae model file ({type(err).__name__})") from None
+        if not isinstance(payload, dict) or "state_dict" not in payload:
+            raise ValueError(f"{path} is not a spavae model file (SpaVAE.save writes one)")
+        if payload.get("format") != MODEL_FORMAT:
+            raise ValueError(f"{path} was written by spavae {payload.get('version', '?')} without the fitted data "
+                             f"setup that spavae {spavae.__version__} needs (model format {MODEL_FORMAT}); "
+                             "train the model again with this version")
         params = dict(payload["init_params"])
         if device is not None:
             params["device"] = device
-        model = cls(adata, **params)
+        model = cls(adata, setup=DataSetup.from_dict(payload["setup"]), **params)
         model.module.load_state_dict(payload["state_dict"])
         model.train_params, model.is_trained = payload["train_params"], payload["is_trained"]
         model.history = pd.DataFrame(payload["history"])
+        model._gp_posterior = payload["gp_posterior"]
         return model

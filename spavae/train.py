@@ -11,36 +11,32 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from linear_operator.utils.errors import NotPSDError
 from tqdm.auto import tqdm
 
 from spavae.beta import PIController
-from spavae.model import Batch, SpaVAEModule
+from spavae.model import SpaVAEModule
+
+if TYPE_CHECKING:
+    from spavae.data.spots import SpotData
 
 logger = logging.getLogger("spavae")
 
 
-@dataclass
-class TrainingData:
-    """All spots as tensors on the training device (encoder input, GP-dtype locations, counts, size factors,
-    one-hot sections or ``None``)."""
-
-    expression: torch.Tensor
-    locations: torch.Tensor
-    counts: torch.Tensor
-    size_factors: torch.Tensor
-    covariates: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.expression.shape[0]
-
-    def batch(self, index: torch.Tensor) -> Batch:
-        """The mini-batch of the spots in ``index``."""
-        covariates = None if self.covariates is None else self.covariates[index]
-        return Batch(self.expression[index], self.locations[index], self.counts[index], self.size_factors[index],
-                     covariates)
+#: An epoch is at most this many steps: on sections larger than ``MAX_STEPS_PER_EPOCH * batch_size`` training
+#: spots, each epoch is a fresh random sample of that many spots, so validation, early stopping, the scheduler,
+#: checkpoints and the history keep the rhythm they have on a Visium section (4,000 spots: 8 steps per epoch).
+MAX_STEPS_PER_EPOCH = 100
+#: At most this many spots are held out for validation: the validation loss of 4,096 spots is precise to well
+#: under the improvements early stopping looks for, and checking it costs at most 8 batches.
+MAX_VALIDATION = 4096
+#: The default step budget (``max_steps='auto'``): about 7 minutes on 2 CPU cores at batch 512; 400 epochs of a
+#: section of up to about 13,000 spots stay under it, so only large sections are capped.
+AUTO_MAX_STEPS = 10_000
 
 
 def auto_batch_size(n_spots: int) -> int:
@@ -48,13 +44,22 @@ def auto_batch_size(n_spots: int) -> int:
     return 128 if n_spots <= 1024 else 256 if n_spots <= 2048 else 512
 
 
-def split_indices(n: int, train_size: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random train/validation split with ``floor(n * train_size)`` training spots (at least one of each)."""
+def split_indices(n: int, train_size: float, generator: torch.Generator,
+                  max_validation: int = MAX_VALIDATION) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random train/validation split: ``n - floor(n * train_size)`` validation spots, at most ``max_validation``.
+
+    A validation set of a single spot gives no usable early-stopping signal, so then every spot trains (and a
+    message says so) rather than one spot being used for neither.
+    """
     if not 0 < train_size <= 1:
         raise ValueError(f"train_size must be in (0, 1], got {train_size}")
     order = torch.randperm(n, generator=generator)
-    n_train = n if train_size == 1 else min(max(int(math.floor(n * train_size)), 1), n - 1)
-    return order[:n_train], order[n_train:]
+    n_val = 0 if train_size == 1 else min(n - min(max(int(math.floor(n * train_size)), 1), n - 1), max_validation)
+    if n_val == 1:
+        logger.info("train_size %.3g of %d spots leaves one validation spot; training on all spots without "
+                    "early stopping", train_size, n)
+        n_val = 0
+    return order[:n - n_val], order[n - n_val:]
 
 
 @dataclass
@@ -66,6 +71,7 @@ class TrainingState:
     best_epoch: int = 0
     best_state: dict | None = None
     epochs_without_improvement: int = 0
+    step: int = 0
     stop_reason: str | None = None
     history: list[dict] = field(default_factory=list)
 
@@ -78,7 +84,7 @@ class Trainer:
     module
         The module to train (in place).
     data
-        All spots (:class:`TrainingData`).
+        All spots (:class:`~spavae.data.spots.SpotData`): mini-batches are made from it on the fly.
     lr, weight_decay
         AdamW settings (applied to every parameter, as in the original).
     batch_size
@@ -87,7 +93,8 @@ class Trainer:
         Fraction of spots used for training; the rest is the validation set for early stopping.
         With 1.0 there is no validation and training runs ``max_epochs``.
     patience
-        Epochs without a better validation loss before stopping; the best weights are then restored.
+        Epochs without a better validation loss before stopping. Whatever ends training (early stopping,
+        ``max_epochs``, ``max_steps``, a numerical failure), the best validation weights are restored.
     beta
         A :class:`~spavae.beta.PIController`, or a number for a fixed beta.
     num_samples
@@ -104,13 +111,15 @@ class Trainer:
         Functions ``callback(trainer, record)`` called at the end of every completed epoch with that epoch's
         history record, after the best weights and ``state.stop_reason`` are updated and before an early stop
         restores the best weights (e.g. to write checkpoints or logs).
+    max_steps
+        Budget of optimisation steps (``'auto'``: :data:`AUTO_MAX_STEPS`; ``None``: no budget).
     """
 
-    def __init__(self, module: SpaVAEModule, data: TrainingData, *, lr: float = 1e-3, weight_decay: float = 1e-6,
+    def __init__(self, module: SpaVAEModule, data: SpotData, *, lr: float = 1e-3, weight_decay: float = 1e-6,
                  batch_size: int | str = "auto", train_size: float = 0.95, patience: int = 200,
                  beta: PIController | float = 10.0, num_samples: int = 1, noise: float = 0.0,
                  generator: torch.Generator | None = None, lr_scheduler: dict | None = None,
-                 callbacks: Sequence[Callable[[Trainer, dict], None]] = ()):
+                 callbacks: Sequence[Callable[[Trainer, dict], None]] = (), max_steps: int | str | None = "auto"):
         if batch_size == "auto":
             batch_size = auto_batch_size(len(data))
         if not isinstance(batch_size, int) or batch_size < 2:
@@ -121,7 +130,11 @@ class Trainer:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if lr <= 0 or weight_decay < 0 or noise < 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0 and noise >= 0 (got {lr}, {weight_decay}, {noise})")
-        self.module, self.data = module, data
+        if max_steps == "auto":
+            max_steps = AUTO_MAX_STEPS
+        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+            raise ValueError(f"max_steps must be a positive integer, 'auto' or None, got {max_steps!r}")
+        self.module, self.data, self.max_steps = module, data, max_steps
         self.batch_size, self.patience = batch_size, patience
         self.beta = beta
         self.num_samples, self.noise = num_samples, noise
@@ -145,19 +158,24 @@ class Trainer:
         """The KL weight used for the next step."""
         return self.beta.beta if isinstance(self.beta, PIController) else float(self.beta)
 
-    def _batches(self, index: torch.Tensor, shuffle: bool, drop_last: bool):
+    def _batches(self, index: torch.Tensor, shuffle: bool, drop_last: bool, max_steps: int | None = None):
         if shuffle:
             index = index[torch.randperm(len(index), generator=self.generator)]
         stop = len(index) - len(index) % self.batch_size if drop_last else len(index)
+        if max_steps is not None:
+            stop = min(stop, max_steps * self.batch_size)
         for start in range(0, stop, self.batch_size):
             chunk = index[start:start + self.batch_size]
             if len(chunk) > 1:  # BatchNorm needs two spots
-                yield chunk.to(self.data.expression.device)
+                yield chunk
 
     def _train_epoch(self) -> dict | None:
         self.module.train()
         sums: dict[str, float] = {}
-        for index in self._batches(self.train_index, True, self.drop_last):
+        steps = MAX_STEPS_PER_EPOCH
+        if self.max_steps is not None:
+            steps = min(steps, self.max_steps - self.state.step)
+        for index in self._batches(self.train_index, True, self.drop_last, steps):
             out = self.module.loss(self.data.batch(index), self.current_beta, num_samples=self.num_samples,
                                    noise=self.noise)
             if not torch.isfinite(out.loss):
@@ -168,6 +186,7 @@ class Trainer:
             if not torch.isfinite(grad_norm):
                 return None
             self.optimizer.step()
+            self.state.step += 1
             if isinstance(self.beta, PIController):
                 self.beta.step(float((out.kl_gp + out.kl_gauss).detach()) / out.n_spots)
             _accumulate(sums, out.detached())
@@ -183,11 +202,37 @@ class Trainer:
             _accumulate(sums, out.detached())
         return _per_spot(sums)
 
-    def fit(self, max_epochs: int, *, progress: bool = True) -> list[dict]:
-        """Run up to ``max_epochs`` more epochs; returns the per-epoch history.
+    @property
+    def budget_spent(self) -> bool:
+        """Whether the step budget is used up."""
+        return self.max_steps is not None and self.state.step >= self.max_steps
 
-        A non-finite loss never reaches the weights: training stops, the best (or, without validation,
-        the last good) weights are restored and a warning explains what happened.
+    def finished(self, max_epochs: int) -> bool:
+        """Whether training is over: stopped, at ``max_epochs`` epochs or at the step budget."""
+        return self.state.stop_reason is not None or self.state.epoch >= max_epochs or self.budget_spent
+
+    def restore_best(self) -> None:
+        """Load the best validation weights, if any (called whatever ended training, resumed runs included)."""
+        if self.state.best_state is not None:
+            self.module.load_state_dict(self.state.best_state)
+            logger.info("restored the best weights of epoch %d", self.state.best_epoch)
+
+    def _run_epoch(self) -> tuple[dict | None, dict | None]:
+        """One epoch of training and the validation loss after it; ``None`` parts on a non-finite loss."""
+        train = self._train_epoch()
+        if train is None or not all(math.isfinite(v) for v in train.values()):
+            return None, None
+        val = self._validate() if self.has_validation else None
+        if val is not None and not math.isfinite(val["loss"]):
+            return train, None
+        return train, val
+
+    def fit(self, max_epochs: int, *, progress: bool = True) -> list[dict]:
+        """Run up to ``max_epochs`` more epochs (or until the step budget); returns the per-epoch history.
+
+        A non-finite loss or a failed Cholesky factorisation never reaches the weights: training stops, the best
+        (or, without validation, the last good) weights are restored and a warning explains what happened and
+        what to try. Only finite epochs enter the history.
         """
         if max_epochs < 1:
             raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
@@ -195,26 +240,30 @@ class Trainer:
         has_validation = self.has_validation
         bar = tqdm(range(max_epochs), desc="spavae", disable=not progress, unit="epoch", leave=False)
         for _ in bar:
+            if state.stop_reason is not None or self.budget_spent:
+                break
             start = time.perf_counter()
             last_good = None if has_validation else copy.deepcopy(self.module.state_dict())
-            train = self._train_epoch()
-            if train is None or not all(math.isfinite(v) for v in train.values()):
-                self._stop_on_nan(last_good)
+            try:
+                train, val = self._run_epoch()
+            except (torch.linalg.LinAlgError, NotPSDError) as err:
+                self._stop_numerical(last_good, "the GP's Cholesky factorisation failed (a kernel matrix was not "
+                                     f"positive definite: {str(err).splitlines()[0][:80]})")
+                break
+            if train is None or (has_validation and val is None):
+                self._stop_numerical(last_good, "the " + ("training" if train is None else "validation")
+                                     + " loss became NaN/inf")
                 break
             state.epoch += 1
-            record = {"epoch": state.epoch, **{f"train_{k}": v for k, v in train.items()}}
+            record = {"epoch": state.epoch, "step": state.step, **{f"train_{k}": v for k, v in train.items()}}
             monitored = train["loss"]
-            if has_validation:
-                val = self._validate()
+            if val is not None:
                 record |= {f"val_{k}": v for k, v in val.items()}
                 monitored = val["loss"]
             record |= {"beta": self.current_beta, "kernel_scale": self.module.gp.kernel_scale,
                        "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
             state.history.append(record)
             bar.set_postfix(loss=f"{train['loss']:.2f}", val=f"{monitored:.2f}", beta=f"{self.current_beta:.2f}")
-            if not math.isfinite(monitored):
-                self._stop_on_nan(last_good)
-                break
             if has_validation:
                 if monitored <= state.best_loss:
                     state.best_loss, state.best_epoch = monitored, state.epoch
@@ -224,15 +273,17 @@ class Trainer:
                     state.epochs_without_improvement += 1
                     if state.epochs_without_improvement >= self.patience:
                         state.stop_reason = f"early stopping at epoch {state.epoch}"
+            if self.budget_spent and state.stop_reason is None:
+                state.stop_reason = f"step budget of {self.max_steps} steps reached at epoch {state.epoch}"
             if self.scheduler is not None:
                 self.scheduler.step(monitored)
             for callback in self.callbacks:
                 callback(self, record)
             if state.stop_reason is not None:
-                self.module.load_state_dict(state.best_state)
-                logger.info("%s; restored the best weights of epoch %d", state.stop_reason, state.best_epoch)
+                logger.info("%s", state.stop_reason)
                 break
         bar.close()
+        self.restore_best()
         return state.history
 
     def state_dict(self) -> dict:
@@ -287,21 +338,18 @@ class Trainer:
         random.setstate(rng["python"])
         self.state = TrainingState(**copy.deepcopy(state["state"]))
 
-    def _stop_on_nan(self, last_good: dict | None) -> None:
+    def _stop_numerical(self, last_good: dict | None, what: str) -> None:
         state = self.state
         restore = state.best_state if state.best_state is not None else last_good
         where = f"epoch {state.best_epoch}" if state.best_state is not None else f"the end of epoch {state.epoch}"
-        state.stop_reason = f"non-finite loss in epoch {state.epoch + 1}"
+        state.stop_reason = f"{what} in epoch {state.epoch + 1}"
+        advice = ("Try a lower learning rate (lr=), float64 networks (dtype='float64'), a larger kernel scale "
+                  "(kernel_scale=), fewer inducing points (inducing_steps=, n_inducing=), or check the input counts.")
         if restore is None:
-            raise FloatingPointError(
-                f"the loss became NaN/inf in epoch {state.epoch + 1} before any weights could be kept. Try a lower "
-                "learning rate, a larger loc_range, or check the input counts."
-            )
+            raise FloatingPointError(f"training failed before any weights could be kept: {state.stop_reason}. {advice}")
         self.module.load_state_dict(restore)
-        warnings.warn(
-            f"training stopped: {state.stop_reason}; restored the weights of {where}. A lower learning rate or a "
-            "larger loc_range usually helps.", RuntimeWarning, stacklevel=3,
-        )
+        warnings.warn(f"training stopped: {state.stop_reason}; kept the weights of {where}. {advice}",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _accumulate(sums: dict[str, float], values: dict[str, float]) -> None:

@@ -17,11 +17,8 @@ import torch
 from spavae.analysis._common import check_same_spots, check_trained
 from spavae.train import auto_batch_size
 
-from spavae.model import Batch
-
 if TYPE_CHECKING:
     from spavae.api import SpaVAE
-    from spavae.model import SpaVAEModule
 
 LIBRARY_SIZES = ("observed", "normalized")
 
@@ -31,13 +28,16 @@ def _denoised(model: SpaVAE, *, n_samples: int, average: bool, spots: np.ndarray
     check_trained(model)
     if library_size not in LIBRARY_SIZES:
         raise ValueError(f"library_size must be one of {LIBRARY_SIZES}, got {library_size!r}")
+    if average:
+        return model.get_denoised_counts(n_samples=n_samples, library_size=library_size, mode=mode,
+                                         batch_size=batch_size, seed=seed)[spots if spots is not None else slice(None)]
     mean, var = model.latent_posterior(mode=mode, batch_size=batch_size)
     factors, covariates = model.data.size_factors, model.data.covariates
     if spots is not None:
         index = torch.as_tensor(np.arange(len(mean))[np.asarray(spots)], device=mean.device)
         mean, var, factors = mean[index], var[index], factors[index]
         covariates = None if covariates is None else covariates[index]
-    out = model.module.decode_posterior(mean, var, covariates=covariates, n_samples=n_samples, average=average,
+    out = model.module.decode_posterior(mean, var, covariates=covariates, n_samples=n_samples, average=False,
                                         batch_size=batch_size or auto_batch_size(len(model.data)), seed=seed)
     if library_size == "observed":
         out = out * factors.to(out.dtype)[:, None]

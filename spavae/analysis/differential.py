@@ -23,6 +23,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from scipy import sparse
 from sklearn.mixture import GaussianMixture
 
 from spavae.analysis._common import check_same_spots
@@ -66,10 +67,26 @@ def group_masks(labels: pd.Series, group1: str | Sequence[str], group2: str | Se
     return mask1, mask2
 
 
-def group_pseudocount(normalized: np.ndarray, draws: np.ndarray) -> float:
-    """One group's pseudocount: 0.9-quantile, over genes never counted in the group, of their largest draw."""
-    silent = normalized.max(axis=0) == 0
+def group_pseudocount(silent: np.ndarray, draws: np.ndarray) -> float:
+    """One group's pseudocount: 0.9-quantile, over the ``silent`` genes (never counted in the group), of their
+    largest draw."""
     return float(np.quantile(draws[:, silent].max(axis=0), 0.9)) if silent.any() else 1e-10
+
+
+def normalized_group_means(model: SpaVAE, masks: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Mean size-factor-normalised counts (``counts / s``) of each group of the model's spots, per gene.
+
+    The counts are streamed chunk by chunk from the model's sparse matrix: memory is one chunk, whatever the
+    number of spots.
+    """
+    factors = model.data.size_factors.cpu().numpy().astype(np.float64)
+    sums = [np.zeros(len(model.var_names)) for _ in masks]
+    for start, block in model.data.counts.chunks():
+        rows = slice(start, start + block.shape[0])
+        scaled = sparse.diags(1.0 / factors[rows]) @ block.astype(np.float64)
+        for total, mask in zip(sums, masks):
+            total += np.asarray(scaled[mask[rows]].sum(axis=0)).ravel()
+    return [total / max(int(mask.sum()), 1) for total, mask in zip(sums, masks)]
 
 
 def lfc_threshold(mean_lfc: np.ndarray, *, seed: int = 0) -> float:
@@ -126,7 +143,7 @@ def differential_expression(adata: ad.AnnData, model: SpaVAE, *, groupby: str, g
     if n_draws < 1:
         raise ValueError(f"n_draws must be >= 1, got {n_draws}")
     mask1, mask2 = group_masks(adata.obs[groupby], group1, group2, unlabeled=unlabeled)
-    normalized = (model.data.counts / model.data.size_factors[:, None]).cpu().numpy().astype(np.float64)
+    raw_mean1, raw_mean2 = normalized_group_means(model, (mask1, mask2))
     mean, var = model.latent_posterior(mode=mode, batch_size=batch_size)
     batch_size = batch_size or auto_batch_size(len(model.data))
     rng = np.random.default_rng(seed)
@@ -140,8 +157,8 @@ def differential_expression(adata: ad.AnnData, model: SpaVAE, *, groupby: str, g
         draws.append(decoded.cpu().numpy().astype(np.float32))  # n_draws x G, kept in float32 to halve memory
     d1, d2 = draws
     if estimate_pseudocount:
-        eps = float(np.clip(max(group_pseudocount(normalized[mask1], d1),
-                                group_pseudocount(normalized[mask2], d2)), *PSEUDOCOUNT_RANGE))
+        eps = float(np.clip(max(group_pseudocount(raw_mean1 == 0, d1),
+                                group_pseudocount(raw_mean2 == 0, d2)), *PSEUDOCOUNT_RANGE))
     else:
         eps = PSEUDOCOUNT_RANGE[0]
     paired = np.log2(d1 + np.float32(eps)) - np.log2(d2 + np.float32(eps))
@@ -158,8 +175,8 @@ def differential_expression(adata: ad.AnnData, model: SpaVAE, *, groupby: str, g
         "bayes_factor": np.log(prob_de + 1e-10) - np.log(1.0 - prob_de + 1e-10),
         "denoised_mean1": d1.mean(0, dtype=np.float64),
         "denoised_mean2": d2.mean(0, dtype=np.float64),
-        "raw_mean1": normalized[mask1].mean(0),
-        "raw_mean2": normalized[mask2].mean(0),
+        "raw_mean1": raw_mean1,
+        "raw_mean2": raw_mean2,
     }, index=pd.Index(model.var_names, name="gene"))
     table.attrs = {"delta": delta, "pseudocount": eps, "group1": _as_list(group1),
                    "group2": "rest" if group2 is None else _as_list(group2),

@@ -63,12 +63,20 @@ def enhance(model: SpaVAE, *, n_samples: int = 25, key_added: str = "spavae", ba
     ``obs['parent_spot']``, ``obs['offset']`` and ``uns[key_added]['params']['delta']`` (in the scaled frame).
     """
     check_trained(model)
-    scaled = model.data.locations.cpu().numpy()
-    points, delta = enhancement_locations(scaled)
+    scaled = model.data.scaled_locations
+    codes = model.data.section_codes
+    if codes is None:
+        points, delta = enhancement_locations(scaled)
+        sections = None
+    else:  # sections overlap in the scaled frame: the spacing is measured within each section
+        delta = float(np.median([enhancement_locations(scaled[codes == i])[1] for i in np.unique(codes)]))
+        points = np.concatenate([scaled + delta * np.array(offset) for offset in OFFSETS.values()])
+        sections = np.tile(np.asarray(model.setup.sections)[codes], len(OFFSETS))
     parents = np.tile(np.asarray(model.obs_names), len(OFFSETS))
     offsets = np.repeat(list(OFFSETS), len(scaled))
-    out = predict(model, points, scaled=True, n_samples=n_samples, key_added=key_added, batch_size=batch_size,
-                  seed=seed, obs_names=pd.Index([f"{p}_{o}" for p, o in zip(parents, offsets)]))
+    out = predict(model, points, sections=sections, scaled=True, n_samples=n_samples, key_added=key_added,
+                  batch_size=batch_size, seed=seed,
+                  obs_names=pd.Index([f"{p}_{o}" for p, o in zip(parents, offsets)]))
     out.obs["parent_spot"] = pd.Categorical(parents)
     out.obs["offset"] = pd.Categorical(offsets, categories=list(OFFSETS))
     out.uns[key_added]["params"]["delta"] = delta

@@ -81,7 +81,8 @@ def spatially_variable_genes(adata, model, *, n_permutations: int = 0, train_kwa
         shuffled.obsm[key] = np.asarray(adata.obsm[key])[rng.permutation(adata.n_obs)]
         null = SpaVAE(shuffled, **(model.init_params | {"seed": model.init_params["seed"] + r + 1}))
         null.train(**((train_kwargs if train_kwargs is not None else model.train_params) | {"progress": False}))
-        null.data.locations = model.data.locations  # score with the true locations
+        null.data.locations = model.data.locations  # score with the true locations:
+        null.refresh_gp_posterior()  # q(u) given the null model's encoder outputs at the true locations
         nulls.append(spatial_scores(null)["spatial_score"].to_numpy())
     if nulls:
         null = np.vstack(nulls)

@@ -21,35 +21,51 @@ def _dense(matrix) -> np.ndarray:
     return matrix.toarray() if sp.issparse(matrix) else np.asarray(matrix)
 
 
-def check_counts(counts, *, where: str = "counts") -> None:
-    """Raise a clear error unless ``counts`` is a finite, non-negative 2-D spots x genes matrix.
+def check_count_block(counts, *, where: str = "counts", integer: bool = True, first_row: int = 0) -> None:
+    """Raise a one-line error unless ``counts`` (dense or sparse) holds finite, non-negative (integer) counts.
 
-    Non-integer values are allowed (some pipelines store corrected counts) but give a warning,
-    because the negative-binomial likelihood is meant for raw UMI counts.
+    Parameters
+    ----------
+    counts
+        A spots x genes block.
+    where
+        Name of the matrix in the message (``'adata.X'``, ``"layers['counts']"``).
+    integer
+        Refuse non-integer values. The negative-binomial likelihood is defined on integer counts only, so
+        normalised, log-transformed or corrected values are refused rather than trained on.
+    first_row
+        Row offset of the block in the whole matrix (for the message).
     """
     values = counts.data if sp.issparse(counts) else np.asarray(counts)
-    if not sp.issparse(counts) and values.ndim != 2:
-        raise ValueError(f"{where}: counts must be a 2-D spots x genes matrix, got shape {values.shape}")
-    if counts.shape[0] == 0 or counts.shape[1] == 0:
-        raise ValueError(f"{where}: counts matrix is empty (shape {counts.shape})")
-    if not np.issubdtype(values.dtype, np.number):
-        raise ValueError(f"{where}: counts must be numeric, got dtype {values.dtype}")
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+        raise ValueError(f"{where}: counts must be real numbers, got dtype {values.dtype}")
     n_bad = int(np.size(values) - np.isfinite(values).sum())
     if n_bad:
-        raise ValueError(
-            f"{where}: {n_bad} count value(s) are NaN or infinite; spavae needs raw counts. "
-            "Fill or remove those entries (e.g. adata = adata[:, np.isfinite(X).all(0)])."
-        )
+        raise ValueError(f"{where}: {n_bad} count value(s) are NaN or infinite; spavae needs raw counts. "
+                         "Fill or remove those entries, or pass the raw count layer (layer='counts').")
     if (values < 0).any():
+        raise ValueError(f"{where}: {int((values < 0).sum())} count value(s) are negative; spavae models raw counts. "
+                         "Pass the raw count layer (layer='counts'), not scaled or log-transformed data.")
+    if integer and values.size and not np.array_equal(values, np.round(values)):
+        dense = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
+        row, col = np.argwhere(dense != np.round(dense))[0]
         raise ValueError(
-            f"{where}: {int((values < 0).sum())} count value(s) are negative; spavae models raw counts. "
-            "Pass the raw count layer (layer='counts'), not scaled or log-transformed data."
+            f"{where}: counts must be integers (e.g. {dense[row, col]:.4g} at row {first_row + row}, column {col}); "
+            "pass the raw count layer (layer='counts'), or round deliberately with "
+            "adata.X = np.rint(adata.X) if the values are corrected counts"
         )
-    if not np.allclose(values, np.round(values)):
-        warnings.warn(
-            f"{where}: counts are not integers; the negative-binomial likelihood expects raw UMI counts.",
-            stacklevel=2,
-        )
+
+
+def check_counts(counts, *, where: str = "counts", integer: bool = True) -> None:
+    """Raise a clear error unless ``counts`` is a non-empty 2-D spots x genes matrix of raw counts.
+
+    See :func:`check_count_block` for the value checks (non-integer values are refused when ``integer``).
+    """
+    if not sp.issparse(counts) and np.ndim(counts) != 2:
+        raise ValueError(f"{where}: counts must be a 2-D spots x genes matrix, got shape {np.shape(counts)}")
+    if counts.shape[0] == 0 or counts.shape[1] == 0:
+        raise ValueError(f"{where}: counts matrix is empty (shape {counts.shape})")
+    check_count_block(counts, where=where, integer=integer)
 
 
 def check_locations(locations: np.ndarray, n_spots: int, *, where: str = "locations") -> None:
@@ -70,21 +86,35 @@ def empty_masks(counts) -> tuple[np.ndarray, np.ndarray]:
     return dense_sum1 <= 0, dense_sum0 <= 0
 
 
-def filter_empty(adata: ad.AnnData) -> ad.AnnData:
+def filter_empty(adata: ad.AnnData, *, layer: str | None = None) -> ad.AnnData:
     """Return a copy without zero-count genes and zero-count spots, reporting what was removed.
 
     Genes are removed first and then spots, as in the original (scanpy ``filter_genes(min_counts=1)``
     then ``filter_cells(min_counts=1)``). Locations, ``obs`` and ``obsm`` stay aligned because the
     spots are removed from the whole AnnData.
+
+    Parameters
+    ----------
+    adata
+        Spots x genes AnnData.
+    layer
+        Layer with the raw counts that decides what is empty (``None``: ``.X``), the same ``layer`` the model is
+        given.
     """
-    _, empty_genes = empty_masks(adata.X)
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"adata has no layer '{layer}' (layer=); layers present: {list(adata.layers.keys())}")
+
+    def counts(data: ad.AnnData):
+        return data.X if layer is None else data.layers[layer]
+
+    _, empty_genes = empty_masks(counts(adata))
     if empty_genes.any():
         names = list(adata.var_names[empty_genes][:5])
         message = f"removed {int(empty_genes.sum())} gene(s) with zero total count (e.g. {names})"
         logger.warning(message)
         warnings.warn(message, stacklevel=2)
         adata = adata[:, ~empty_genes]
-    empty_spots, _ = empty_masks(adata.X)
+    empty_spots, _ = empty_masks(counts(adata))
     if empty_spots.any():
         names = list(adata.obs_names[empty_spots][:5])
         message = (

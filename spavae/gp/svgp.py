@@ -101,6 +101,38 @@ class BatchOptimalVariationalStrategy(UnwhitenedVariationalStrategy):
         eye = torch.eye(k_pp.shape[-1], dtype=k_pp.dtype, device=k_pp.device)
         return torch.linalg.cholesky(k_pp + self.jitter_val * eye)
 
+    def statistics(self, x: torch.Tensor, omega: torch.Tensor, phi2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Sufficient statistics of a batch for :math:`q(u)`: :math:`K_{pb}\Lambda^{-1}K_{bp}` and
+        :math:`K_{pb}\Lambda^{-1}\tilde\omega` (``L x p x p`` and ``L x p``).
+
+        They are sums over spots, so the statistics of several chunks add up to those of their union: the
+        full-data posterior (:math:`b = N`) is computed chunk by chunk in ``O(p^2)`` memory.
+
+        Parameters
+        ----------
+        x
+            Batch locations, ``b x 2``.
+        omega, phi2
+            Encoder means and variances of the GP dimensions, ``L x b``.
+        """
+        k_pb = self.model.covar_module(self.inducing_points, x).to_dense()
+        weighted = k_pb / phi2.unsqueeze(-2)  # K_pb Lambda^-1, L x p x b
+        precision = weighted @ k_pb.transpose(-1, -2)
+        rhs = (weighted @ omega.unsqueeze(-1)).squeeze(-1)
+        return precision, rhs
+
+    def condition_on_statistics(self, precision: torch.Tensor, rhs: torch.Tensor, scale: float) -> None:
+        """Set :math:`q(u)` to the closed-form optimum (ALGORITHM 3.1) from :meth:`statistics` and ``scale = N/b``."""
+        self._clear_cache()
+        k_pp = self.model.covar_module(self.inducing_points).to_dense()
+        eye = torch.eye(k_pp.shape[-1], dtype=k_pp.dtype, device=k_pp.device)
+        sigma = k_pp + scale * precision
+        sigma_chol = torch.linalg.cholesky(sigma + self.jitter_val * eye)
+        mean = (k_pp @ torch.cholesky_solve(scale * rhs.unsqueeze(-1), sigma_chol)).squeeze(-1)
+        root = torch.linalg.solve_triangular(sigma_chol, k_pp.expand_as(sigma), upper=False).transpose(-1, -2)
+        self._sigma_chol = sigma_chol
+        self._variational_distribution.set_state(mean, root)
+
     def condition(self, x: torch.Tensor, omega: torch.Tensor, phi2: torch.Tensor, scale: float) -> None:
         """Set :math:`q(u)` to the closed-form optimum for the batch (ALGORITHM 3.1).
 
@@ -113,19 +145,7 @@ class BatchOptimalVariationalStrategy(UnwhitenedVariationalStrategy):
         scale
             :math:`N / b`.
         """
-        self._clear_cache()
-        inducing = self.inducing_points
-        k_pp = self.model.covar_module(inducing).to_dense()
-        k_pb = self.model.covar_module(inducing, x).to_dense()
-        weighted = k_pb * (scale / phi2).unsqueeze(-2)  # (N/b) K_pb Lambda^-1, L x p x b
-        eye = torch.eye(k_pp.shape[-1], dtype=k_pp.dtype, device=k_pp.device)
-        sigma = k_pp + weighted @ k_pb.transpose(-1, -2)
-        sigma_chol = torch.linalg.cholesky(sigma + self.jitter_val * eye)
-        rhs = weighted @ omega.unsqueeze(-1)
-        mean = (k_pp @ torch.cholesky_solve(rhs, sigma_chol)).squeeze(-1)
-        root = torch.linalg.solve_triangular(sigma_chol, k_pp.expand_as(sigma), upper=False).transpose(-1, -2)
-        self._sigma_chol = sigma_chol
-        self._variational_distribution.set_state(mean, root)
+        self.condition_on_statistics(*self.statistics(x, omega, phi2), scale)
 
     def kl_divergence(self) -> torch.Tensor:
         r""":math:`KL(q(u_l) \| p(u_l))` for each GP dimension (shape ``L``).
@@ -252,6 +272,38 @@ class SpatialGP(ApproximateGP):
         if self.variational == "learned":
             return
         self.variational_strategy.condition(x, omega.T, phi2.T, float(n_obs) / x.shape[0])
+
+    def condition_on_chunks(self, chunks) -> None:
+        """Set :math:`q(u)` to the posterior given **all** spots (:math:`b = N`), from an iterable of
+        ``(x, omega, phi2)`` chunks (``b_k x 2``, ``b_k x L``, ``b_k x L``); memory ``O(L p^2)`` whatever ``N``.
+        A learned q(u) is global: nothing to do."""
+        if self.variational == "learned":
+            return
+        strategy = self.variational_strategy
+        precision = rhs = None
+        for x, omega, phi2 in chunks:
+            part = strategy.statistics(x, omega.T, phi2.T)
+            precision, rhs = (part if precision is None else (precision + part[0], rhs + part[1]))
+        if precision is None:
+            raise ValueError("condition_on_chunks needs at least one chunk of spots")
+        strategy.condition_on_statistics(precision, rhs, 1.0)
+
+    def posterior_state(self) -> dict | None:
+        """The current closed-form :math:`q(u)` (mean ``L x p`` and covariance root ``L x p x p``), or ``None``."""
+        q_u = self.variational_strategy._variational_distribution
+        if self.variational == "learned" or q_u.mean is None:
+            return None
+        return {"mean": q_u.mean.detach().clone(), "covar_root": q_u.covar_root.detach().clone()}
+
+    def set_posterior_state(self, state: dict | None) -> None:
+        """Restore a :meth:`posterior_state` (for the marginals; the KL of a batch needs :meth:`condition_on`)."""
+        if state is None or self.variational == "learned":
+            return
+        strategy = self.variational_strategy
+        strategy._clear_cache()
+        strategy._sigma_chol = None
+        device = strategy.inducing_points.device
+        strategy._variational_distribution.set_state(state["mean"].to(device), state["covar_root"].to(device))
 
     def marginals(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior means and variances (``n x L`` each) at locations ``x`` under the current :math:`q(u)`."""

@@ -1,0 +1,335 @@
+"""The fitted data setup: what a model learns from its training AnnData before any weight is trained.
+
+:meth:`DataSetup.fit` reads the training AnnData once, in chunks of spots (sparse, dense or on-disk input alike),
+and keeps everything the model's inputs are computed from (ALGORITHM 1.2-1.5):
+
+* the model's genes and their order (after optional highly-variable-gene selection, :mod:`spavae.data.genes`);
+* the size-factor reference (the median library size of the training spots: ``s_i = n_i / median``);
+* the per-gene mean and SD of ``log1p(counts / s)`` that z-score the encoder input (and those of the proteins);
+* the location frame of each section (:class:`~spavae.data.preprocess.LocationScaler`) and the section names;
+* the inducing points.
+
+The setup is saved in the model file and applied unchanged by ``load``, prediction, denoising and every analysis,
+so a spot's inputs never depend on which other spots came with it. :meth:`DataSetup.spots` turns any AnnData with
+the model's genes (in any order, extra genes ignored) into :class:`SpotData` for the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from spavae.data.counts import CountRows, count_matrix, row_chunks
+from spavae.data.inducing import grid_inducing_points, kmeans_inducing_points
+from spavae.data.preprocess import LocationScaler, check_count_block, check_locations
+
+logger = logging.getLogger("spavae")
+
+#: Fewer spots than this cannot support a GP over locations plus an encoder; refused with a clear error.
+MIN_SPOTS = 20
+#: A model needs at least this many genes (features).
+MIN_GENES = 2
+#: Input with more genes than this is reduced to ``AUTO_TOP_GENES`` highly variable genes by default: targeted
+#: panels (Visium's probe sets after filtering, Xenium and CosMx panels up to a few thousand genes, the
+#: ~1,000-gene DLPFC files) stay whole, whole transcriptomes (about 18,000 genes) are reduced.
+AUTO_GENES_THRESHOLD = 6000
+#: Number of highly variable genes kept by default (the Seurat/scanpy default).
+AUTO_TOP_GENES = 2000
+#: Up to this many spots the inducing points are the original's 7 x 7 grid; above, k-means centroids that follow
+#: the tissue (see :func:`auto_inducing`).
+GRID_MAX_SPOTS = 20_000
+
+
+def auto_inducing(n_spots: int) -> tuple[str, int]:
+    """The inducing rule of ``inducing='auto'``: ``('grid', 49)`` up to 20,000 spots, else k-means centroids.
+
+    The k-means count is ``n_spots / 500`` clipped to ``[49, 400]``: each inducing point is supported by about
+    500 spots, and the cap keeps the ``O(b p^2 + p^3)`` GP cost of a step below the networks' cost at b = 512.
+    """
+    if n_spots <= GRID_MAX_SPOTS:
+        return "grid", 49
+    return "kmeans", int(np.clip(n_spots // 500, 49, 400))
+
+
+def _unique_names(names: pd.Index, what: str, fix: str) -> None:
+    if not names.is_unique:
+        duplicated = list(names[names.duplicated()][:3])
+        raise ValueError(f"adata has duplicated {what} names (e.g. {duplicated}); make them unique first ({fix})")
+
+
+@dataclass
+class DataSetup:
+    """Everything the model's inputs are computed from, fitted once on the training data (see the module doc).
+
+    Use :meth:`fit` to create one; the attributes are plain arrays and lists (:meth:`to_dict` / :meth:`from_dict`).
+    """
+
+    genes: list[str]
+    layer: str | None
+    spatial_key: str
+    batch_key: str | None
+    sections: list[str] | None
+    protein_key: str | None
+    n_proteins: int
+    binarize: bool
+    library_median: float
+    expression_mean: np.ndarray
+    expression_sd: np.ndarray
+    frames: list[LocationScaler]
+    inducing_points: np.ndarray
+    gene_selection: dict | None = None
+    protein_background: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def fit(cls, adata: ad.AnnData, *, layer: str | None = None, spatial_key: str = "spatial",
+            batch_key: str | None = None, protein_key: str | None = None, likelihood: str = "nb",
+            n_top_genes: int | str | None = "auto", loc_range: float = 20.0, inducing: str = "auto",
+            inducing_steps: int = 6, n_inducing: int | None = None, seed: int = 0) -> DataSetup:
+        """Fit the setup on the training AnnData (see :class:`~spavae.SpaVAE` for the parameters).
+
+        Raises a one-line error naming the problem and its fix for anything the model cannot use: missing keys,
+        duplicated names, too few spots or genes, non-count values, empty spots or genes, NaN locations.
+        """
+        if not isinstance(adata, ad.AnnData):
+            raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
+        if likelihood not in ("nb", "bernoulli"):
+            raise ValueError(f"likelihood must be 'nb' or 'bernoulli', got {likelihood!r}")
+        if inducing not in ("auto", "grid", "kmeans"):
+            raise ValueError(f"inducing must be 'auto', 'grid' or 'kmeans', got {inducing!r}")
+        if adata.n_obs < MIN_SPOTS:
+            raise ValueError(f"adata has {adata.n_obs} spots; spavae needs at least {MIN_SPOTS} to fit a spatial model")
+        _unique_names(pd.Index(adata.obs_names), "spot", "adata.obs_names_make_unique()")
+        _unique_names(pd.Index(adata.var_names), "gene", "adata.var_names_make_unique()")
+        binarize = likelihood == "bernoulli"
+        matrix = count_matrix(adata, layer)
+        where = f"layers['{layer}']" if layer else "adata.X"
+        genes, selection = cls._select_genes(matrix, pd.Index(adata.var_names), n_top_genes, binarize, where)
+        if len(genes) < MIN_GENES:
+            raise ValueError(f"{where} has {len(genes)} gene(s); spavae needs at least {MIN_GENES}")
+        columns = pd.Index(adata.var_names).get_indexer(genes)
+        totals, library_median, mean, sd = _expression_statistics(matrix, columns, binarize, where, layer)
+        proteins = protein_matrix(adata, protein_key)
+        background = None
+        if proteins is not None:
+            logged = np.log1p(proteins)
+            mean = np.concatenate([mean, logged.mean(0)])
+            sd = np.concatenate([sd, _safe_sd(logged.std(0, ddof=1), logged.mean(0))])
+            from spavae.likelihoods import background_prior_from_counts
+
+            background = np.stack([t.numpy() for t in background_prior_from_counts(proteins, seed=seed)])
+        sections = _section_names(adata, batch_key)
+        locations = spot_locations(adata, spatial_key)
+        frames, points = [], []
+        method, n_points = auto_inducing(adata.n_obs) if inducing == "auto" else (inducing, n_inducing or 49)
+        codes = np.zeros(adata.n_obs, dtype=int) if sections is None else \
+            pd.Categorical(adata.obs[batch_key].astype(str), categories=sections).codes
+        for index in range(1 if sections is None else len(sections)):
+            frame = LocationScaler(loc_range).fit(locations[codes == index])
+            frames.append(frame)
+            if method == "grid":
+                section_points = grid_inducing_points(inducing_steps, loc_range)
+            else:
+                scaled = frame.transform(locations[codes == index])
+                sample = np.random.default_rng(seed).permutation(len(scaled))[:100_000]
+                section_points = kmeans_inducing_points(scaled[sample], min(n_points, len(sample)), seed=seed,
+                                                        n_init=1 if len(sample) > 20_000 else 10)
+            if sections is not None:
+                section_points = np.hstack([section_points, np.tile(np.eye(len(sections))[index],
+                                                                    (len(section_points), 1))])
+            points.append(section_points)
+        logger.info("data setup: %d spots, %d genes%s, %d inducing points (%s)", adata.n_obs, len(genes),
+                    f" (highly variable of {selection['n_input_genes']})" if selection else "",
+                    sum(len(p) for p in points), method)
+        return cls(genes=list(genes), layer=layer, spatial_key=spatial_key, batch_key=batch_key, sections=sections,
+                   protein_key=protein_key, n_proteins=0 if proteins is None else proteins.shape[1],
+                   binarize=binarize, library_median=library_median, expression_mean=mean, expression_sd=sd,
+                   frames=frames, inducing_points=np.vstack(points), gene_selection=selection,
+                   protein_background=background)
+
+    @staticmethod
+    def _select_genes(matrix, var_names: pd.Index, n_top_genes, binarize: bool, where: str):
+        if n_top_genes == "auto":
+            n_top_genes = AUTO_TOP_GENES if len(var_names) > AUTO_GENES_THRESHOLD and not binarize else None
+        if n_top_genes is None or n_top_genes >= len(var_names):
+            return var_names, None
+        if not isinstance(n_top_genes, (int, np.integer)) or n_top_genes < MIN_GENES:
+            raise ValueError(f"n_top_genes must be an integer >= {MIN_GENES}, 'auto' or None, got {n_top_genes!r}")
+        from spavae.data.genes import highly_variable_genes
+
+        table = highly_variable_genes(matrix, n_top_genes=int(n_top_genes))
+        keep = np.sort(np.flatnonzero(table["highly_variable"].to_numpy()))
+        logger.info("kept %d highly variable genes of %d in %s (seurat_v3)", len(keep), len(var_names), where)
+        return var_names[keep], {"flavor": "seurat_v3", "n_top_genes": int(n_top_genes),
+                                 "n_input_genes": len(var_names)}
+
+    # ------------------------------------------------------------------ applying
+    @property
+    def n_genes(self) -> int:
+        """Number of model genes."""
+        return len(self.genes)
+
+    @property
+    def n_input(self) -> int:
+        """Width of the encoder input without section covariates (genes + proteins)."""
+        return self.n_genes + self.n_proteins
+
+    @property
+    def n_sections(self) -> int:
+        """Number of sections (0 for a single-section model)."""
+        return 0 if self.sections is None else len(self.sections)
+
+    def gene_columns(self, adata: ad.AnnData) -> np.ndarray | None:
+        """Positions of the model's genes in ``adata`` (``None`` if they are exactly its genes, in order)."""
+        var_names = pd.Index(adata.var_names)
+        if list(var_names) == self.genes:
+            return None
+        _unique_names(var_names, "gene", "adata.var_names_make_unique()")
+        columns = var_names.get_indexer(self.genes)
+        missing = [g for g, c in zip(self.genes, columns) if c < 0]
+        if missing:
+            raise ValueError(f"adata lacks {len(missing)} of the model's {self.n_genes} genes (e.g. {missing[:5]}); "
+                             "pass data with the genes the model was trained on")
+        return columns
+
+    def section_codes(self, labels) -> np.ndarray | None:
+        """Section index of each spot from its section labels (``None`` for a single-section model)."""
+        if self.sections is None:
+            return None
+        if labels is None:
+            raise ValueError(f"this model was fitted on {self.n_sections} sections ({self.batch_key}); give the "
+                             f"section of each spot (one of {self.sections})")
+        labels = pd.Series(np.asarray(labels).astype(str))
+        unknown = sorted(set(labels) - set(self.sections))
+        if unknown:
+            raise ValueError(f"unknown section(s) {unknown[:5]}; the model knows {self.sections}")
+        return pd.Categorical(labels, categories=self.sections).codes.astype(int)
+
+    def scale_locations(self, locations: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
+        """Coordinates in the model's frame: each spot scaled with its section's fitted frame."""
+        locations = np.asarray(locations, dtype=np.float64)
+        if codes is None:
+            return self.frames[0].transform(locations)
+        scaled = np.empty_like(locations)
+        for index, frame in enumerate(self.frames):
+            scaled[codes == index] = frame.transform(locations[codes == index])
+        return scaled
+
+    def unscale_locations(self, scaled: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
+        """Inverse of :meth:`scale_locations`."""
+        scaled = np.asarray(scaled, dtype=np.float64)
+        if codes is None:
+            return self.frames[0].inverse_transform(scaled)
+        out = np.empty_like(scaled)
+        for index, frame in enumerate(self.frames):
+            out[codes == index] = frame.inverse_transform(scaled[codes == index])
+        return out
+
+    def gp_inputs(self, scaled: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
+        """GP inputs: scaled ``[x, y]``, followed by the one-hot section for a multi-section model."""
+        if codes is None:
+            return scaled
+        return np.hstack([scaled, np.eye(self.n_sections)[codes]])
+
+    # ------------------------------------------------------------------ persistence
+    def to_dict(self) -> dict:
+        """Plain Python/NumPy values (for the model file)."""
+        out = dataclasses.asdict(self)
+        out["frames"] = [{"loc_range": f.loc_range, "minimum": f.minimum, "span": f.span} for f in self.frames]
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DataSetup:
+        """Inverse of :meth:`to_dict`."""
+        values = dict(values)
+        values["frames"] = [LocationScaler(**frame) for frame in values["frames"]]
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------- helpers of fit
+def _safe_sd(sd: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """SDs with constant features (up to round-off) set to 1, so that they stay at 0 after z-scoring."""
+    sd = np.array(sd, dtype=np.float64)
+    sd[~(sd > 1e-10 * np.maximum(1.0, np.abs(mean)))] = 1.0
+    return sd
+
+
+def _expression_statistics(matrix, columns: np.ndarray, binarize: bool, where: str, layer: str | None):
+    """Checks and statistics in two streaming passes: library sizes, then per-gene mean/SD of the encoder input."""
+    n_spots, n_genes = matrix.shape[0], len(columns)
+    totals = np.zeros(n_spots)
+    gene_totals = np.zeros(n_genes)
+    for start, block in row_chunks(matrix):
+        block = block[:, columns]
+        check_count_block(block, where=where, integer=not binarize, first_row=start)
+        totals[start:start + block.shape[0]] = np.asarray(block.sum(axis=1)).ravel()
+        gene_totals += np.asarray(block.sum(axis=0)).ravel()
+    empty_spots, empty_genes = int((totals <= 0).sum()), int((gene_totals <= 0).sum())
+    if empty_spots or empty_genes:
+        hint = f"spavae.data.filter_empty(adata, layer='{layer}')" if layer else "spavae.data.filter_empty(adata)"
+        raise ValueError(f"{where} has {empty_spots} spot(s) and {empty_genes} gene(s) with zero total count; remove "
+                         f"them first with `adata = {hint}` (it reports what it removes)")
+    library_median = float(np.median(totals))
+    sums, squares = np.zeros(n_genes), np.zeros(n_genes)
+    for start, block in row_chunks(matrix):
+        block = block[:, columns].astype(np.float64)
+        if binarize:
+            block.data = (block.data > 0).astype(np.float64)
+        else:
+            factors = totals[start:start + block.shape[0]] / library_median
+            block.data = np.log1p(block.data / np.repeat(factors, np.diff(block.indptr)))
+        sums += np.asarray(block.sum(axis=0)).ravel()
+        squares += np.asarray(block.multiply(block).sum(axis=0)).ravel()
+    mean = sums / n_spots
+    variance = np.maximum(squares - n_spots * mean**2, 0.0) / max(n_spots - 1, 1)
+    if binarize:  # spaPeakVAE: the binary matrix itself is the encoder input (no z-scoring)
+        return totals, library_median, np.zeros(n_genes), np.ones(n_genes)
+    return totals, library_median, mean, _safe_sd(np.sqrt(variance), mean)
+
+
+def _section_names(adata: ad.AnnData, batch_key: str | None) -> list[str] | None:
+    if batch_key is None:
+        return None
+    if batch_key not in adata.obs:
+        raise KeyError(f"adata.obs has no column '{batch_key}' (batch_key); columns: {list(adata.obs.columns)}")
+    labels = adata.obs[batch_key]
+    if labels.isna().any():
+        raise ValueError(f"obs['{batch_key}'] has {int(labels.isna().sum())} missing section label(s); fill them")
+    names = sorted(set(labels.astype(str)))
+    if len(names) < 2:
+        raise ValueError(f"obs['{batch_key}'] has a single section; drop batch_key for one section")
+    return names
+
+
+def spot_locations(adata: ad.AnnData, spatial_key: str) -> np.ndarray:
+    """``obsm[spatial_key]`` as a checked ``n_obs x 2`` float64 array."""
+    if spatial_key not in adata.obsm:
+        raise KeyError(f"adata.obsm has no '{spatial_key}' with spot coordinates (spatial_key=); "
+                       f"keys: {list(adata.obsm.keys())}")
+    values = adata.obsm[spatial_key]
+    values = values.to_numpy() if isinstance(values, pd.DataFrame) else np.asarray(values)
+    if not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"obsm['{spatial_key}'] must hold numbers, got dtype {values.dtype}")
+    locations = values.astype(np.float64)
+    check_locations(locations, adata.n_obs, where=f"obsm['{spatial_key}']")
+    return locations
+
+
+def protein_matrix(adata: ad.AnnData, protein_key: str | None) -> np.ndarray | None:
+    """``obsm[protein_key]`` as checked spots x proteins counts (``None`` without proteins)."""
+    if protein_key is None:
+        return None
+    if protein_key not in adata.obsm:
+        raise KeyError(f"adata.obsm has no '{protein_key}' with protein counts (protein_key=); "
+                       f"keys: {list(adata.obsm.keys())}")
+    proteins = adata.obsm[protein_key]
+    proteins = np.asarray(proteins.toarray() if hasattr(proteins, "toarray") else proteins, dtype=np.float64)
+    if proteins.ndim != 2 or proteins.shape[0] != adata.n_obs:
+        raise ValueError(f"obsm['{protein_key}'] must be spots x proteins, got shape {proteins.shape}")
+    check_count_block(proteins, where=f"obsm['{protein_key}']", integer=True)
+    return proteins

@@ -1,0 +1,120 @@
+"""The spots of an AnnData as a model sees them, and the mini-batches made from them.
+
+:class:`SpotData` applies a fitted :class:`~spavae.data.setup.DataSetup` to an AnnData. Per-spot vectors (size
+factors, GP inputs, one-hot sections) live on the model's device: ``O(N)``. The counts stay sparse on the host
+(or on disk, :class:`~spavae.data.counts.CountRows`); :meth:`SpotData.batch` densifies only the rows of a
+mini-batch, moves them to the device (pinned memory and a non-blocking copy on CUDA) and computes the encoder
+input there from the fitted statistics. No ``N x G`` array is ever formed.
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from spavae.data.counts import CountRows
+from spavae.data.preprocess import check_count_block
+from spavae.data.setup import DataSetup, protein_matrix, spot_locations
+from spavae.model import Batch
+
+
+class SpotData:
+    """Spots of ``adata`` prepared with ``setup`` (see the module doc).
+
+    Parameters
+    ----------
+    adata
+        Spots x genes AnnData with the model's genes (any order; extra genes are ignored), raw counts in the
+        setup's layer, coordinates in ``obsm[setup.spatial_key]`` and, for a multi-section model, the section of
+        each spot in ``obs[setup.batch_key]``. An AnnData opened with ``backed='r'`` is read from disk per batch.
+    setup
+        The fitted setup.
+    device, dtype
+        Device and network dtype of the tensors; GP inputs are kept in ``gp_dtype``.
+    """
+
+    def __init__(self, adata: ad.AnnData, setup: DataSetup, *, device: torch.device, dtype: torch.dtype,
+                 gp_dtype: torch.dtype = torch.float64):
+        if not isinstance(adata, ad.AnnData):
+            raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
+        self.setup, self.device, self.dtype = setup, device, dtype
+        self.obs_names = pd.Index(adata.obs_names).copy()
+        if not self.obs_names.is_unique:
+            raise ValueError("adata has duplicated spot names; make them unique first (adata.obs_names_make_unique())")
+        self.counts = CountRows.from_anndata(adata, setup.layer, setup.gene_columns(adata))
+        totals = self._library_sizes()
+        codes = setup.section_codes(adata.obs[setup.batch_key] if setup.batch_key in adata.obs else None) \
+            if setup.batch_key is not None else None
+        if setup.batch_key is not None and setup.batch_key not in adata.obs:
+            raise KeyError(f"adata.obs has no column '{setup.batch_key}' with the section of each spot")
+        self.section_codes = codes
+        self.scaled_locations = setup.scale_locations(spot_locations(adata, setup.spatial_key), codes)
+        self.locations = torch.as_tensor(setup.gp_inputs(self.scaled_locations, codes), dtype=gp_dtype, device=device)
+        factors = np.ones(len(totals)) if setup.binarize else totals / setup.library_median
+        self.size_factors = torch.as_tensor(factors, dtype=dtype, device=device)
+        self.covariates = None if codes is None else \
+            torch.as_tensor(np.eye(setup.n_sections)[codes], dtype=dtype, device=device)
+        proteins = protein_matrix(adata, setup.protein_key)
+        if proteins is not None and proteins.shape[1] != setup.n_proteins:
+            raise ValueError(f"obsm['{setup.protein_key}'] has {proteins.shape[1]} proteins; the model has "
+                             f"{setup.n_proteins}")
+        self.proteins = None if proteins is None else proteins.astype(np.float32)
+        self._mean = torch.as_tensor(setup.expression_mean, dtype=dtype, device=device)
+        self._sd = torch.as_tensor(setup.expression_sd, dtype=dtype, device=device)
+
+    def _library_sizes(self) -> np.ndarray:
+        """Total count of each spot over the model's genes, checking every value on the way."""
+        where = f"layers['{self.setup.layer}']" if self.setup.layer else "adata.X"
+        totals = np.zeros(self.counts.shape[0])
+        for start, block in self.counts.chunks():
+            check_count_block(block, where=where, integer=not self.setup.binarize, first_row=start)
+            totals[start:start + block.shape[0]] = np.asarray(block.sum(axis=1)).ravel()
+        if not self.setup.binarize and (totals <= 0).any():
+            raise ValueError(f"{where}: {int((totals <= 0).sum())} spot(s) have zero total count over the model's "
+                             "genes; remove them first with `adata = spavae.data.filter_empty(adata)`")
+        return totals
+
+    def __len__(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory of the counts (the device tensors are ``O(N)``)."""
+        return self.counts.nbytes
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, dtype=self.dtype, non_blocking=True)
+        return tensor.to(self.dtype)
+
+    def normalize(self, counts: torch.Tensor, size_factors: torch.Tensor) -> torch.Tensor:
+        """Encoder input of gene counts: ``(log1p(counts / s) - mean) / sd`` with the fitted statistics."""
+        if self.setup.binarize:
+            return counts
+        n = self.setup.n_genes
+        return (torch.log1p(counts / size_factors[:, None]) - self._mean[:n]) / self._sd[:n]
+
+    def batch(self, index) -> Batch:
+        """The mini-batch of the spots at positions ``index`` (tensor or array), on the device."""
+        rows = index.cpu().numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
+        on_device = torch.as_tensor(rows, device=self.device)
+        counts = self._to_device(self.counts.take(rows))
+        if self.setup.binarize:
+            counts = (counts > 0).to(self.dtype)
+        factors = self.size_factors[on_device]
+        expression = self.normalize(counts, factors)
+        if self.proteins is not None:
+            proteins = self._to_device(self.proteins[rows])
+            n = self.setup.n_genes
+            expression = torch.cat([expression, (torch.log1p(proteins) - self._mean[n:]) / self._sd[n:]], dim=1)
+            counts = torch.cat([counts, proteins], dim=1)
+        covariates = None if self.covariates is None else self.covariates[on_device]
+        return Batch(expression, self.locations[on_device], counts, factors, covariates)
+
+    def chunks(self, batch_size: int):
+        """Consecutive mini-batches over all spots (for encoding and decoding everything in order)."""
+        for start in range(0, len(self), batch_size):
+            yield self.batch(np.arange(start, min(start + batch_size, len(self))))

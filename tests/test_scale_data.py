@@ -1,0 +1,214 @@
+"""The fitted data setup, sparse and streaming data, and the training budget (atlas-scale issue)."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import spavae
+from spavae.analysis import enhance, predict
+from spavae.data import setup as setup_module
+from spavae.data.setup import DataSetup, auto_inducing
+from spavae.train import split_indices
+
+FAST = {"max_epochs": 4, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A model trained on a simulated section, saved to disk."""
+    adata = spavae.simulate_spatial_counts(n_rows=14, n_cols=14, n_genes=40, n_domains=3, seed=3)
+    model = spavae.SpaVAE(adata, seed=0, encoder_layers=(32, 16), decoder_layers=(32,))
+    model.train(**FAST)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    model.save(path)
+    return adata, model, path
+
+
+def test_load_on_half_of_the_spots_in_another_order_gives_the_full_data_results(trained):
+    adata, model, path = trained
+    rng = np.random.default_rng(0)
+    half = rng.permutation(adata.n_obs)[: adata.n_obs // 2]  # a random half, in a shuffled order
+    subset = adata[half].copy()
+    loaded = spavae.SpaVAE.load(path, subset)
+    np.testing.assert_allclose(loaded.get_latent_representation(), model.get_latent_representation()[half],
+                               rtol=1e-5, atol=1e-6)
+    full_denoised = model.get_denoised_counts(n_samples=3, batch_size=1000)
+    np.testing.assert_allclose(loaded.get_denoised_counts(n_samples=3, batch_size=1000), full_denoised[half],
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(loaded.data.scaled_locations, model.data.scaled_locations[half])
+    np.testing.assert_allclose(loaded.data.size_factors.numpy(), model.data.size_factors.numpy()[half], rtol=1e-6)
+    new_locations = adata.obsm["spatial"][:5] + 0.3
+    np.testing.assert_allclose(predict(loaded, new_locations).obsm["X_spavae"][:, :2],
+                               predict(model, new_locations).obsm["X_spavae"][:, :2], rtol=1e-5, atol=1e-6)
+
+
+def test_load_with_reordered_extra_or_missing_genes(trained):
+    adata, model, path = trained
+    genes = list(adata.var_names)
+    reordered = adata[:, genes[::-1]].copy()
+    reordered.var_names = genes[::-1]
+    np.testing.assert_allclose(spavae.SpaVAE.load(path, reordered).get_latent_representation(),
+                               model.get_latent_representation(), rtol=1e-5, atol=1e-6)
+    extra = ad.concat([adata, ad.AnnData(np.ones((adata.n_obs, 2), dtype=np.float32),
+                                         obs=pd.DataFrame(index=adata.obs_names),
+                                         var=pd.DataFrame(index=["extra1", "extra2"]))], axis=1)
+    extra.obsm["spatial"] = adata.obsm["spatial"]
+    np.testing.assert_allclose(spavae.SpaVAE.load(path, extra).get_latent_representation(),
+                               model.get_latent_representation(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"lacks 2 of the model's 40 genes.*gene0"):
+        spavae.SpaVAE.load(path, adata[:, genes[2:]].copy())
+
+
+def test_setup_travels_with_the_model_file(trained):
+    adata, model, path = trained
+    payload = torch.load(path, weights_only=False)
+    saved = DataSetup.from_dict(payload["setup"])
+    assert saved.genes == list(adata.var_names)
+    np.testing.assert_array_equal(saved.expression_mean, model.setup.expression_mean)
+    np.testing.assert_array_equal(saved.inducing_points, model.setup.inducing_points)
+    # the statistics are those of the training spots (independent recomputation)
+    counts = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
+    totals = counts.sum(1)
+    logged = np.log1p(counts / (totals / np.median(totals))[:, None])
+    np.testing.assert_allclose(saved.library_median, np.median(totals))
+    np.testing.assert_allclose(saved.expression_mean, logged.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(saved.expression_sd, logged.std(0, ddof=1), rtol=1e-8)
+
+
+def _sparse_section(n_spots: int, n_genes: int, density: float = 0.05, seed: int = 0) -> ad.AnnData:
+    """Poisson counts with two planted halves, built sparse (no dense N x G array)."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n_spots)))
+    locations = np.column_stack([np.arange(n_spots) % side, np.arange(n_spots) // side]).astype(float)
+    nnz_per_row = rng.binomial(n_genes, density, size=n_spots) + 1
+    indptr = np.concatenate([[0], np.cumsum(nnz_per_row)])
+    left = locations[:, 0] < side / 2
+    indices = np.concatenate([np.sort(rng.choice(n_genes // 2 if is_left else n_genes, k, replace=False))
+                              for k, is_left in zip(nnz_per_row, left)]).astype(np.int32)
+    data = rng.poisson(2.0, size=len(indices)).astype(np.float32) + 1
+    adata = ad.AnnData(sp.csr_matrix((data, indices, indptr), shape=(n_spots, n_genes)))
+    adata.obsm["spatial"] = locations
+    adata.obs["ground_truth"] = pd.Categorical(np.where(left, "left", "right"))
+    return spavae.data.filter_empty(adata) if (np.asarray(adata.X.sum(0)).ravel() == 0).any() else adata
+
+
+def test_sparse_dense_and_backed_input_train_the_same_model(tmp_path):
+    adata = _sparse_section(400, 60, density=0.2)
+    dense = adata.copy()
+    dense.X = adata.X.toarray()
+    path = tmp_path / "section.h5ad"
+    adata.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    histories = []
+    for data in (adata, dense, backed):
+        model = spavae.SpaVAE(data, seed=0, encoder_layers=(16,), decoder_layers=(16,))
+        model.train(max_epochs=3, progress=False)
+        histories.append(model.history.drop(columns="seconds").to_numpy())
+    assert backed.isbacked
+    np.testing.assert_allclose(histories[1], histories[0], rtol=1e-6)
+    np.testing.assert_allclose(histories[2], histories[0], rtol=1e-6)
+
+
+def test_editing_adata_after_building_does_not_change_the_model():
+    adata = _sparse_section(300, 40, density=0.3)
+    dense = adata.copy()
+    dense.X = np.asarray(adata.X.toarray(), dtype=np.float32)
+    model = spavae.SpaVAE(dense, seed=0)
+    before = model.data.batch(np.arange(10)).counts.clone()
+    dense.X[:10] = 0.0
+    np.testing.assert_array_equal(model.data.batch(np.arange(10)).counts.numpy(), before.numpy())
+
+
+def test_no_dense_copy_on_the_training_path():
+    """Building and training on 20,000 x 2,000 (5 % non-zero) never allocates an N x G array: the traced peak
+    stays below a quarter of one float32 dense copy (160 MB)."""
+    adata = _sparse_section(20_000, 2_000, density=0.05)
+    dense_bytes = adata.n_obs * adata.n_vars * 4
+    tracemalloc.start()
+    try:
+        model = spavae.SpaVAE(adata, seed=0)
+        model.train(max_epochs=1, max_steps=3, progress=False)
+        model.get_latent_representation()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert model.data.nbytes < 0.15 * dense_bytes
+    assert peak < dense_bytes / 4, f"traced peak {peak / 2**20:.0f} MB"
+
+
+def test_step_budget_epoch_cap_and_validation_cap(monkeypatch):
+    adata = _sparse_section(600, 30, density=0.3)
+    monkeypatch.setattr("spavae.train.MAX_STEPS_PER_EPOCH", 2)
+    model = spavae.SpaVAE(adata, seed=0, encoder_layers=(16,), decoder_layers=(16,))
+    model.train(max_epochs=50, max_steps=7, batch_size=64, progress=False)
+    assert model.history["step"].tolist() == [2, 4, 6, 7]
+    assert model.trainer.state.stop_reason.startswith("step budget of 7 steps")
+    train, val = split_indices(10_000, 0.95, torch.Generator().manual_seed(0), max_validation=300)
+    assert (len(train), len(val)) == (9_700, 300)
+    assert len(set(train.tolist()) | set(val.tolist())) == 10_000
+
+
+def test_auto_inducing_rule_and_points_follow_the_tissue():
+    assert auto_inducing(4_000) == ("grid", 49)
+    assert auto_inducing(100_000) == ("kmeans", 200)
+    assert auto_inducing(5_000_000) == ("kmeans", 400)
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, 1, (3_000, 2))
+    points = points[(points[:, 0] < 0.3) | (points[:, 1] < 0.3)]  # an L-shaped tissue
+    adata = ad.AnnData(sp.csr_matrix(rng.poisson(1.0, (len(points), 5)).astype(np.float32) + 1))
+    adata.obsm["spatial"] = points
+    setup = DataSetup.fit(adata, inducing="kmeans", n_inducing=30)
+    scaled = setup.scale_locations(points)
+    from scipy.spatial import cKDTree
+
+    distance, _ = cKDTree(scaled).query(setup.inducing_points)
+    assert setup.inducing_points.shape == (30, 2)
+    assert distance.max() < 1.0  # every point sits in the tissue (the L's empty corner is 14 x 14 units)
+
+
+def test_whole_transcriptome_input_is_reduced_to_highly_variable_genes(monkeypatch):
+    monkeypatch.setattr(setup_module, "AUTO_GENES_THRESHOLD", 50)
+    monkeypatch.setattr(setup_module, "AUTO_TOP_GENES", 20)
+    adata = spavae.simulate_spatial_counts(n_rows=10, n_cols=10, n_genes=80, seed=0)
+    model = spavae.SpaVAE(adata, seed=0)
+    assert len(model.var_names) == 20 and model.setup.gene_selection["n_input_genes"] == 80
+    assert model.summary()["gene_selection"]["n_top_genes"] == 20
+    assert len(spavae.SpaVAE(adata, seed=0, n_top_genes=None).var_names) == 80
+
+
+def test_denoised_layer_streams_to_disk_and_gene_subsets(trained, tmp_path):
+    adata, model, _ = trained
+    full = model.get_denoised_counts(n_samples=2, batch_size=64)
+    path = model.write_denoised(tmp_path / "denoised.h5ad", n_samples=2, batch_size=64)
+    on_disk = ad.read_h5ad(path)
+    np.testing.assert_allclose(on_disk.layers["spavae_denoised"], full, rtol=1e-6)
+    assert list(on_disk.var_names) == list(model.var_names)
+    genes = [model.var_names[5], model.var_names[1]]
+    np.testing.assert_allclose(model.get_denoised_counts(n_samples=2, batch_size=64, genes=genes), full[:, [5, 1]],
+                               rtol=1e-6)
+    with pytest.raises(FileExistsError):
+        model.write_denoised(path)
+
+
+def test_multi_section_prediction_and_enhancement():
+    from spavae.data.simulate import simulate_sections
+
+    adata = simulate_sections(n_sections=2, n_rows=10, n_cols=10, n_genes=30, seed=0)
+    model = spavae.SpaVAE(adata, batch_key="section", seed=0, encoder_layers=(16,), decoder_layers=(16,))
+    model.train(max_epochs=2, progress=False)
+    sections = adata.obs["section"].astype(str).to_numpy()
+    out = predict(model, adata.obsm["spatial"][:6], sections=sections[:6])
+    assert out.n_obs == 6 and list(out.obs["section"]) == list(sections[:6])
+    # the nearest spot comes from the same section
+    nearest_sections = adata.obs.loc[out.obs["nearest_spot"].astype(str), "section"].astype(str).to_numpy()
+    np.testing.assert_array_equal(nearest_sections, sections[:6])
+    with pytest.raises(ValueError, match="give the section of each spot"):
+        predict(model, adata.obsm["spatial"][:3])
+    assert enhance(model, n_samples=2).n_obs == 5 * adata.n_obs
