@@ -404,19 +404,26 @@ def simulate_large_section(
         field_level = np.rint(field / _FIELD_STEP).astype(np.int64)
     library_level = np.rint(layout_rng.normal(scale=library_sd, size=n_spots) / _LOG_LIBRARY_STEP).astype(np.int64)
 
-    def log_means(spot_class: np.ndarray) -> np.ndarray:
-        """Log means (without the offset) of the classes ``(domain, library level, field level)``, classes x genes."""
-        return (base + effect[spot_class[:, 0]] + (spot_class[:, 1] * _LOG_LIBRARY_STEP)[:, None]
-                + np.outer(spot_class[:, 2] * _FIELD_STEP, loading))
+    def means(spot_class: np.ndarray, offset: float) -> np.ndarray:
+        """Mean counts of the classes ``(domain, library level, field level)``, classes x genes (one array)."""
+        log_mean = effect[spot_class[:, 0]]
+        log_mean += base + offset
+        log_mean += (spot_class[:, 1] * _LOG_LIBRARY_STEP)[:, None]
+        if field_lfc > 0:
+            log_mean += np.outer(spot_class[:, 2] * _FIELD_STEP, loading)
+        return np.exp(log_mean, out=log_mean)
 
     spot_class = np.column_stack([domains, library_level, field_level])
     sample = layout_rng.choice(n_spots, size=min(n_spots, 2000), replace=False)
     sample_classes, sample_counts = np.unique(spot_class[sample], axis=0, return_counts=True)
-    sample_log_means = log_means(sample_classes)
     weights = sample_counts / sample_counts.sum() / n_genes
 
     def density_gap(offset: float) -> float:
-        return float(weights @ _nonzero_probability(np.exp(sample_log_means + offset), dispersion).sum(1)) - density
+        expected = 0.0
+        for block in range(0, len(sample_classes), 64):
+            mean = means(sample_classes[block:block + 64], offset)
+            expected += weights[block:block + 64] @ _nonzero_probability(mean, dispersion).sum(1)
+        return expected - density
 
     offset = brentq(density_gap, -50.0, 50.0, xtol=1e-4)
 
@@ -428,7 +435,7 @@ def simulate_large_section(
     for start in range(0, n_spots, chunk_size):
         stop = min(start + chunk_size, n_spots)
         classes, inverse = np.unique(spot_class[start:stop], axis=0, return_inverse=True)
-        mean = np.exp(log_means(classes) + offset)
+        mean = means(classes, offset)
         p_nonzero = _nonzero_probability(mean, dispersion)
         threshold = np.minimum(np.floor(p_nonzero * 2.0**32), 2.0**32 - 1).astype(np.uint32)
         n_entries = (stop - start) * n_genes
