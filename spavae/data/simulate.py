@@ -432,23 +432,28 @@ def simulate_large_section(
     indices = np.empty(capacity, dtype=np.int32)
     indptr = np.zeros(n_spots + 1, dtype=np.int64)
     nnz = 0
+    thresholds = np.empty((min(chunk_size, n_spots), n_genes), dtype=np.uint32)  # scratch reused by every chunk
+    is_nonzero = np.empty(thresholds.shape, dtype=bool)
     for start in range(0, n_spots, chunk_size):
         stop = min(start + chunk_size, n_spots)
         classes, inverse = np.unique(spot_class[start:stop], axis=0, return_inverse=True)
+        inverse = inverse.ravel()
         mean = means(classes, offset)
         p_nonzero = _nonzero_probability(mean, dispersion)
         threshold = np.minimum(np.floor(p_nonzero * 2.0**32), 2.0**32 - 1).astype(np.uint32)
         n_entries = (stop - start) * n_genes
         bits = bits_rng.bit_generator.random_raw((n_entries + 1) // 2).view(np.uint32)[:n_entries]
-        flat = np.flatnonzero(bits.reshape(stop - start, n_genes) < threshold[inverse.ravel()])
+        np.take(threshold, inverse, axis=0, out=thresholds[:stop - start])
+        np.less(bits.reshape(stop - start, n_genes), thresholds[:stop - start], out=is_nonzero[:stop - start])
         del bits
+        flat = np.flatnonzero(is_nonzero[:stop - start])
         rows, cols = np.divmod(flat, n_genes)
-        spot_of_entry = inverse.ravel()[rows]
+        class_of_entry = inverse[rows]
         if nnz + flat.size > capacity:
             capacity = max(nnz + flat.size, int(capacity * 1.25))
             data.resize(capacity, refcheck=False)
             indices.resize(capacity, refcheck=False)
-        data[nnz:nnz + flat.size] = _positive_counts(mean[spot_of_entry, cols], p_nonzero[spot_of_entry, cols],
+        data[nnz:nnz + flat.size] = _positive_counts(mean[class_of_entry, cols], p_nonzero[class_of_entry, cols],
                                                      dispersion, value_rng)
         indices[nnz:nnz + flat.size] = cols
         indptr[start + 1:stop + 1] = nnz + np.cumsum(np.bincount(rows, minlength=stop - start))
