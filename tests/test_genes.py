@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import anndata
 import h5py
 import numpy as np
 import pandas as pd
@@ -146,7 +147,6 @@ def test_reads_only_row_chunks_and_keeps_them_sparse():
 
 def test_matches_scanpy_seurat_v3():
     sc = pytest.importorskip("scanpy")
-    anndata = pytest.importorskip("anndata")
     counts = _counts(n_spots=500, n_genes=800, seed=6)
     adata = anndata.AnnData(sp.csr_matrix(counts))
     with warnings.catch_warnings():
@@ -189,6 +189,8 @@ def test_rejects_bad_input_with_one_line_errors():
         highly_variable_genes(counts, n_top_genes=0)
     with pytest.raises(ValueError, match="2-D"):
         highly_variable_genes(counts[0])
+    with pytest.raises(ValueError, match="adata.X"):
+        highly_variable_genes(anndata.AnnData(counts))
     with pytest.raises(ValueError, match="at least 2 spots"):
         highly_variable_genes(counts[:1])
     with pytest.warns(UserWarning, match="non-integer"):

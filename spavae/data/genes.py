@@ -21,6 +21,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -220,6 +221,9 @@ def highly_variable_genes(matrix, n_top_genes: int = 2000, *, span: float = 0.3,
     ``variances_norm``, ``highly_variable`` (bool) and ``highly_variable_rank`` (0 = most variable; NaN outside
     the top ``n_top_genes``). Ties in normalised variance keep gene order.
     """
+    if isinstance(matrix, ad.AnnData):
+        raise ValueError("highly_variable_genes takes the count matrix, not the AnnData: pass adata.X or the "
+                         "layer with raw counts, e.g. adata.layers['counts']")
     if not hasattr(matrix, "shape") or len(matrix.shape) != 2:
         raise ValueError("matrix must be 2-D (spots x genes) with a shape and row slicing, "
                          f"got {type(matrix).__name__}")

@@ -226,6 +226,8 @@ def tissue_lattice(n_spots: int, *, lattice: str = "hex", seed: int = 0) -> np.n
     """
     if lattice not in ("hex", "square"):
         raise ValueError(f"lattice must be 'hex' or 'square', got {lattice!r}")
+    if n_spots < 1:
+        raise ValueError(f"n_spots must be at least 1, got {n_spots}")
     row_step = np.sqrt(3) / 2 if lattice == "hex" else 1.0
     width = np.sqrt(2.0 * n_spots * row_step) + 4
     n_cols, n_rows = int(np.ceil(width)), int(np.ceil(width / row_step))
