@@ -195,3 +195,11 @@ def test_rejects_bad_input_with_one_line_errors():
         highly_variable_genes(counts[:1])
     with pytest.warns(UserWarning, match="non-integer"):
         highly_variable_genes(counts + 0.5)
+
+
+def test_default_chunks_shrink_when_there_are_many_genes():
+    counts = sp.random(2000, 25_000, density=0.01, format="csr", random_state=0, dtype=np.float32)
+    counts.data = np.ceil(counts.data * 5)
+    recorder = RowSliceRecorder(counts)
+    highly_variable_genes(recorder, n_top_genes=100)
+    assert max(recorder.requests) == 800 and sum(recorder.requests) == 2 * 2000

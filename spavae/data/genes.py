@@ -5,15 +5,16 @@ The selection follows Seurat v3 as implemented by scanpy's ``highly_variable_gen
 1. per gene, the mean and the variance (``ddof=1``) of the raw counts;
 2. a loess fit (span 0.3, degree 2) of ``log10(variance)`` on ``log10(mean)`` over the non-constant genes gives
    the expected standard deviation ``sigma_g`` of every gene (1 for constant genes);
-3. counts are standardised, ``z = (x - mean) / sigma_g``, clipped at ``sqrt(N)`` (clipping the counts at
-   ``mean + sigma_g * sqrt(N)``), and the variance of the clipped ``z`` is the normalised variance;
+3. counts are standardised, ``z = (x - mean) / sigma_g``, and clipped at ``sqrt(N)`` (the counts at
+   ``mean + sigma_g * sqrt(N)``); ``sum(z_clipped^2) / (N - 1)`` is the normalised variance;
 4. genes are ranked by normalised variance; the ``n_top_genes`` first are highly variable.
 
 Both passes over the counts read ``chunk_size`` rows at a time, so a CSR matrix, a dense array or an on-disk backed
-matrix is never densified whole. The loess is a direct local quadratic tricube-weighted regression at every gene
-(scikit-misc's ``loess(..., surface='direct')``); scanpy calls scikit-misc with its default ``surface='interpolate'``,
-which evaluates the same fit on a k-d tree of vertices and interpolates, so normalised variances agree with
-scanpy's to a few parts in a thousand and the top genes agree up to near-ties at the cut-off.
+matrix is never densified whole. The loess is written in numpy: loess's k-d tree with vertex fits and cubic
+Hermite interpolation (scikit-misc's default ``surface='interpolate'``, which scanpy uses) or a direct fit at every
+gene (``surface='direct'``); both reproduce scikit-misc to rounding error, so the statistics equal scanpy's and the
+selected genes differ only where scanpy's unstable sort orders exact ties at the cut-off differently (here ties keep
+gene order).
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ import pandas as pd
 import scipy.sparse as sp
 
 _LOESS_BLOCK_ELEMENTS = 4_000_000
+_CHUNK_ELEMENTS = 20_000_000
+
+
+def default_chunk_size(n_genes: int) -> int:
+    """Rows per chunk: 10,000, or fewer so that a dense chunk holds at most 20 million values."""
+    return max(1, min(10_000, _CHUNK_ELEMENTS // max(n_genes, 1)))
 
 
 def _row_chunks(matrix, chunk_size: int) -> Iterator[np.ndarray | sp.csr_matrix]:
@@ -200,7 +207,7 @@ def loess_fit(x: np.ndarray, y: np.ndarray, *, span: float = 0.3, surface: str =
 
 
 def highly_variable_genes(matrix, n_top_genes: int = 2000, *, span: float = 0.3,
-                          chunk_size: int = 10_000) -> pd.DataFrame:
+                          chunk_size: int | None = None) -> pd.DataFrame:
     """Rank genes by Seurat v3 normalised variance of raw counts, in two chunked passes over the spots.
 
     Parameters
@@ -213,7 +220,8 @@ def highly_variable_genes(matrix, n_top_genes: int = 2000, *, span: float = 0.3,
     span
         Loess span, the fraction of genes in each local fit of log10 variance on log10 mean.
     chunk_size
-        Rows read at a time; memory scales with ``chunk_size x n_genes`` for dense input.
+        Rows read at a time (default: 10,000, fewer when there are over 2,000 genes, so that a dense chunk holds
+        at most 20 million values); memory scales with ``chunk_size x n_genes`` for dense input.
 
     Returns
     -------
@@ -232,9 +240,10 @@ def highly_variable_genes(matrix, n_top_genes: int = 2000, *, span: float = 0.3,
         raise ValueError(f"highly_variable_genes needs at least 2 spots, got {n_spots}")
     if int(n_top_genes) < 1:
         raise ValueError(f"n_top_genes must be at least 1, got {n_top_genes}")
-    if int(chunk_size) < 1:
+    chunk_size = default_chunk_size(n_genes) if chunk_size is None else int(chunk_size)
+    if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    chunk_size, n_top_genes = int(chunk_size), min(int(n_top_genes), n_genes)
+    n_top_genes = min(int(n_top_genes), n_genes)
 
     total, total_sq = np.zeros(n_genes), np.zeros(n_genes)
     integer = True

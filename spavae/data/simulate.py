@@ -3,6 +3,10 @@
 Spots sit on a hexagonal lattice. The tissue is cut into layered domains by curved boundaries (like cortical
 layers), smooth random fields add continuous spatial variation, and counts are negative-binomial with spot
 library sizes. The planted domains are in ``obs['ground_truth']`` and the fields in ``obsm['true_fields']``.
+
+:func:`simulate_large_section` makes atlas-scale sections (Visium HD-like, up to millions of spots) as sparse
+CSR counts generated chunk by chunk, on a tissue-shaped lattice; :func:`simulate_many_genes_section` makes small
+sections with many genes of which few carry the domains, for gene selection.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy.optimize import brentq
+
+from spavae.data.genes import default_chunk_size
 
 
 def hex_grid(n_rows: int, n_cols: int) -> np.ndarray:
@@ -323,7 +329,7 @@ def simulate_large_section(
     dispersion: float | None = 3.0,
     library_sd: float = 0.4,
     seed: int = 0,
-    chunk_size: int = 10_000,
+    chunk_size: int | None = None,
 ) -> ad.AnnData:
     """Simulate a large sparse section (Visium HD-like, up to millions of spots) with planted domains.
 
@@ -369,7 +375,8 @@ def simulate_large_section(
     seed
         Seed; the same arguments give the same data.
     chunk_size
-        Spots generated at a time.
+        Spots generated at a time (default: 10,000, fewer when there are over 2,000 genes, so that a chunk
+        holds at most 20 million entries).
 
     Returns
     -------
@@ -382,6 +389,7 @@ def simulate_large_section(
     mean_expression_g * exp(domain_effect_g,d(i) + field_loading_g * true_field_i)``.
     """
     n_domain_genes = int(round(0.1 * n_genes)) if n_domain_genes is None else int(n_domain_genes)
+    chunk_size = default_chunk_size(n_genes) if chunk_size is None else int(chunk_size)
     _check_large_section_arguments(n_spots, n_genes, density, n_domains, n_domain_genes, dispersion, chunk_size)
     if n_genes % 2:
         chunk_size += chunk_size % 2  # whole 64-bit draws per chunk, so chunking does not change the data
