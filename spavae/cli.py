@@ -123,10 +123,11 @@ def k_range_value(text: str) -> range:
 def _add_n_domains_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-domains", type=n_domains_value, metavar="K|auto",
                         help="number of domains, or 'auto': the k of --k-range with the highest silhouette of KMeans "
-                             "on the latent (default: the number of distinct non-NA ground-truth labels when the "
-                             "data has labels, else auto)")
-    parser.add_argument("--k-range", type=k_range_value, default=DEFAULT_K_RANGE, metavar="LOW:HIGH",
-                        help="candidate numbers of domains for auto (both ends included; default 3:12)")
+                             "on the latent; when not given, the number of distinct non-NA ground-truth labels if "
+                             "the data has labels, else auto")
+    parser.add_argument("--k-range", type=k_range_value, default=f"{DEFAULT_K_RANGE.start}:{DEFAULT_K_RANGE.stop - 1}",
+                        metavar="LOW:HIGH", help="candidate numbers of domains for auto, both ends included "
+                                                 "(default: %(default)s)")
 
 
 def labelled_domains(adata) -> int | None:
