@@ -220,7 +220,8 @@ def _analysis_parser(sub, name: str, help: str, description: str) -> argparse.Ar
     parser.add_argument("--out", metavar="DIR", help=f"output folder (default: <run folder>/{name}, "
                                                      f"<run>/results/{name} for a `spavae train` run, "
                                                      f"<folder of the .h5ad>/{name})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the clustering and of the latent draws (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the clustering and of the latent draws (default 0)")
     parser.add_argument("--device", help="load the model on 'cpu' or 'cuda' (default: the device it was saved with)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return parser
@@ -602,7 +603,8 @@ def de_command(args: argparse.Namespace) -> None:
     else:
         rank_genes_domains(adata, model, key_added="spavae_de", **options)
         results, summary = adata.uns["spavae_de"]["results"], adata.uns["spavae_de"]["summary"]
-        comparisons = [([row.group], None, results[results["group"] == row.group].drop(columns="group").set_index("gene"),
+        comparisons = [([row.group], None,
+                        results[results["group"] == row.group].drop(columns="group").set_index("gene"),
                         row._asdict()) for row in summary.itertuples(index=False)]
     written, rows = Outputs(out), []
     for first, second, table, attrs in comparisons:

@@ -273,6 +273,16 @@ def test_enhance_command_writes_five_sub_spots_per_spot(trained, section):
     assert (run / "enhance" / "enhanced.png").stat().st_size > 0
 
 
+def test_a_results_h5ad_with_a_model_file_is_a_source(trained, section):
+    root, run, _ = trained
+    locations = pd.DataFrame({"x": section.obsm["spatial"][:5, 0], "y": section.obsm["spatial"][:5, 1]})
+    locations.to_csv(root / "five.csv", index=False)
+    code, printed = run_cli(["predict", str(run / "results.h5ad"), str(root / "five.csv"), "--model",
+                             str(run / "model.pt"), "--genes", "gene0", "--n-samples", "2", "--threads", "1"])
+    assert code == 0 and f"wrote {run / 'predict'}/" in printed  # the default folder is beside the .h5ad
+    assert len(pd.read_csv(run / "predict" / "predictions.csv")) == 5
+
+
 def test_commands_read_a_train_run_folder(tmp_path, section):
     data = tmp_path / "section.h5ad"
     section.write_h5ad(data)

@@ -152,7 +152,8 @@ def choose_n_domains(latent: np.ndarray, locations: np.ndarray, *, k_range: Sequ
     latent = np.asarray(latent, dtype=np.float64)
     k_values = sorted({int(k) for k in k_range})
     if not k_values or k_values[0] < 2 or k_values[-1] >= len(latent):
-        raise ValueError(f"k_range must hold numbers between 2 and n_spots - 1 = {len(latent) - 1}, got {list(k_range)}")
+        raise ValueError(f"k_range must hold numbers between 2 and n_spots - 1 = {len(latent) - 1}, "
+                         f"got {list(k_range)}")
     sample = SILHOUETTE_SAMPLE if len(latent) > SILHOUETTE_SAMPLE else None
     rows = []
     for k in k_values:
