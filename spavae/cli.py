@@ -1,11 +1,14 @@
 """Command line of spavae.
 
 * ``spavae run [INPUT]`` trains spaVAE and writes the latent, domains and a plot (without INPUT: a simulated
-  section with planted domains);
+  section with planted domains); without labels it chooses the number of domains by the silhouette;
 * ``spavae train -c CONFIG`` trains an experiment config into ``<save_dir>/<name>/`` (checkpoints, logs,
   TensorBoard events) and evaluates it; ``spavae resume RUN_DIR`` continues an interrupted run from its last
   checkpoint; ``spavae evaluate RUN_DIR`` writes the latent, domains, scores and figures of a run
-  (see docs/experiments.md).
+  (see docs/experiments.md);
+* ``spavae domains|de|svg|predict|enhance SOURCE`` run the analyses on a trained run (a ``spavae run`` folder, a
+  ``spavae train`` run folder, or a results .h5ad with ``--model``) and write tables and figures
+  (see docs/cli.md).
 """
 
 from __future__ import annotations
@@ -13,19 +16,47 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+from scipy import sparse
 
 import spavae
-from spavae.analysis import cluster_kmeans, refine_labels, score_clustering
+from spavae.analysis import (
+    choose_n_domains,
+    cluster_kmeans,
+    differential_expression,
+    enhance,
+    find_domains,
+    predict,
+    rank_genes_domains,
+    refine_labels,
+    score_clustering,
+    set_category_colors,
+    visium_array_to_xy,
+)
+from spavae.analysis.clustering import NEIGHBOURS
+from spavae.analysis.domains import DEFAULT_K_RANGE, METHODS
+from spavae.analysis.runs import TrainedRun, open_run
+from spavae.analysis.svg import spatially_variable_genes
+from spavae.api import VARIANTS
 from spavae.data import filter_empty, read, simulate_spatial_counts
 from spavae.data.readers import LABEL_KEY
-from spavae.plot import plot_spatial_domains, plot_training_curves
+from spavae.plot import (
+    plot_gene_spatial,
+    plot_marker_genes,
+    plot_spatial_domains,
+    plot_training_curves,
+    plot_volcano,
+)
 from spavae.utils import atomic_path
+
+UNLABELLED = "NA"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,16 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train on a file (or the simulated default) and write results",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                          description="Train spaVAE, cluster the latent into spatial domains and write results: "
-                                     "results.h5ad (latent in obsm['X_spavae'], domains in obs, denoised counts in "
-                                     "layers), latent.csv, domains.png, training.png, model.pt and metrics.json.")
+                                     "results.h5ad (latent in obsm['X_spavae'], domains in obs['spavae_domain'] and "
+                                     "obs['spavae_domain_refined'] with their colours in uns, denoised counts in "
+                                     "layers), latent.csv, domains.png, training.png, model.pt, metrics.json (with "
+                                     "the number of domains and how it was chosen) and, when it was chosen by the "
+                                     "silhouette, n_domains_selection.csv.")
     run.add_argument("input", nargs="?", help="spaVAE-layout .h5 (X, pos[, Y, gene, cell]) or .h5ad with raw counts; "
                                               "omitted: a simulated 32 x 32 section with 5 planted domains")
     run.add_argument("--out", default="spavae_out", help="output folder")
     run.add_argument("--layer", help=".h5ad only: layer with raw counts (default .X)")
     run.add_argument("--spatial-key", default="spatial", help=".h5ad only: obsm key of the coordinates")
     run.add_argument("--label-key", help=".h5ad only: obs column with ground-truth labels for scoring")
-    run.add_argument("--n-domains", type=int, help="number of domains for KMeans (default: number of distinct "
-                                                   "non-NA ground-truth labels)")
+    _add_n_domains_options(run)
     run.add_argument("--epochs", type=int, default=400, help="maximum training epochs")
     run.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate")
     run.add_argument("--patience", type=int, default=50, help="early-stopping patience (epochs)")
@@ -58,7 +91,72 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(handler=run_command)
     _add_experiment_commands(sub)
+    _add_analysis_commands(sub)
     return parser
+
+
+def n_domains_value(text: str) -> int | str:
+    """``--n-domains``: ``'auto'`` or a whole number >= 2."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of domains or 'auto', got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
+
+
+def k_range_value(text: str) -> range:
+    """``--k-range LOW:HIGH`` (both included) as a ``range``."""
+    low, sep, high = text.partition(":")
+    try:
+        low_k, high_k = int(low), int(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be LOW:HIGH, e.g. 3:12, got {text!r}") from None
+    if not sep or not 2 <= low_k <= high_k:
+        raise argparse.ArgumentTypeError(f"must be LOW:HIGH with 2 <= LOW <= HIGH, got {text!r}")
+    return range(low_k, high_k + 1)
+
+
+def _add_n_domains_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n-domains", type=n_domains_value, metavar="K|auto",
+                        help="number of domains, or 'auto': the k of --k-range with the highest silhouette of KMeans "
+                             "on the latent; when not given, the number of distinct non-NA ground-truth labels if "
+                             "the data has labels, else auto")
+    parser.add_argument("--k-range", type=k_range_value, default=f"{DEFAULT_K_RANGE.start}:{DEFAULT_K_RANGE.stop - 1}",
+                        metavar="LOW:HIGH", help="candidate numbers of domains for auto, both ends included "
+                                                 "(default: %(default)s)")
+
+
+def labelled_domains(adata) -> int | None:
+    """The number of distinct labelled (non-``NA``) ground-truth domains, or ``None`` without labels."""
+    if LABEL_KEY not in adata.obs:
+        return None
+    labels = adata.obs[LABEL_KEY].dropna().astype(str)
+    labels = labels[labels != UNLABELLED]
+    return int(labels.nunique()) if len(labels) else None
+
+
+def requested_n_domains(requested: int | str | None, adata) -> tuple[int | str, str]:
+    """``--n-domains`` resolved: ``(K, 'given')``, ``(K, 'labels')`` or ``('auto', 'silhouette')``.
+
+    Without ``--n-domains``, data with labels gets the number of labelled domains and data without labels the
+    silhouette choice (:func:`~spavae.analysis.choose_n_domains`).
+    """
+    if requested is None:
+        labelled = labelled_domains(adata)
+        return ("auto", "silhouette") if labelled is None else (labelled, "labels")
+    return (requested, "silhouette") if requested == "auto" else (int(requested), "given")
+
+
+def _describe_choice(n_domains: int, chosen_by: str, table: pd.DataFrame | None) -> str:
+    if chosen_by == "silhouette":
+        return (f"{n_domains} domains: the highest silhouette of KMeans on the latent over k = "
+                f"{table.index.min()}..{table.index.max()} ({table.loc[n_domains, 'silhouette']:.3f}; "
+                "give --n-domains K to choose yourself)")
+    return f"{n_domains} domains ({'the number of labelled domains' if chosen_by == 'labels' else 'as given'})"
 
 
 def _add_experiment_commands(sub) -> None:
@@ -108,6 +206,132 @@ def _add_experiment_commands(sub) -> None:
     evaluate.set_defaults(handler=evaluate_command)
 
 
+SOURCE_HELP = ("a `spavae run` folder (results.h5ad + model.pt), a `spavae train` run folder (checkpoint/config.json + "
+               "checkpoint/model_best.pth), or a .h5ad with the spots the model was trained on (with --model)")
+
+
+def _analysis_parser(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand with the options every analysis shares: SOURCE, --model, --out, --seed, --device, --threads."""
+    parser = sub.add_parser(name, help=help, description=description,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
+    parser.add_argument("--model", metavar="FILE", help="model file (SpaVAE.save) instead of the run's own; needed "
+                                                        "with a .h5ad SOURCE")
+    parser.add_argument("--out", metavar="DIR", help=f"output folder (default: <run folder>/{name}, "
+                                                     f"<run>/results/{name} for a `spavae train` run, "
+                                                     f"<folder of the .h5ad>/{name})")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the clustering and of the latent draws (default 0)")
+    parser.add_argument("--device", help="load the model on 'cpu' or 'cuda' (default: the device it was saved with)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    return parser
+
+
+def _add_analysis_commands(sub) -> None:
+    domains = _analysis_parser(
+        sub, "domains", "cluster the latent of a trained run into spatial domains",
+        "Cluster the latent (obsm['X_spavae'], or computed with the model) into spatial domains and write:\n"
+        "  domains.csv                one row per spot: the domain (and the unrefined one with --refine)\n"
+        "  domains.h5ad               the spots with the domains as a categorical obs column and their colours\n"
+        "                             in uns['<key>_colors'] (scanpy.pl.spatial / squidpy draw them), the latent\n"
+        "                             in obsm['X_spavae'] and the counts as a sparse .X (no layers)\n"
+        "  domains.png                the domains in space, next to the ground truth when the data has labels\n"
+        "  summary.json               number of domains and how it was chosen, method, Leiden resolution,\n"
+        "                             ARI/NMI against the labels when there are labels\n"
+        "  n_domains_selection.csv    with auto: silhouette and spatial coherence of every k of --k-range")
+    _add_n_domains_options(domains)
+    domains.add_argument("--method", choices=METHODS, default="kmeans",
+                         help="KMeans (100 restarts), or Leiden with the resolution searched to give the number of "
+                              "domains (default kmeans)")
+    domains.add_argument("--refine", choices=["none", *sorted(NEIGHBOURS)], default="none",
+                         help="neighbour-majority refinement: 'hexagon' (Visium), 'square' (ST) (default none)")
+    domains.add_argument("--visium-array", action="store_true",
+                         help="the coordinates are Visium (array_row, array_col): map them to the hexagonal lattice "
+                              "for refinement and spatial coherence")
+    domains.add_argument("--key", default="spavae_domains", help="obs column of the domains (default spavae_domains)")
+    domains.set_defaults(handler=domains_command)
+
+    de = _analysis_parser(
+        sub, "de", "differential expression between domains (each vs the rest, or two groups)",
+        "Differential expression from denoised posterior draws (spavae.analysis.differential_expression) and "
+        "write:\n"
+        "  de_<group1>_vs_<group2>.csv    one per comparison (<group2> = rest without --group2): one row per gene\n"
+        "                                 with LFC, mean/median/sd_LFC, prob_DE, prob_not_DE, bayes_factor and the\n"
+        "                                 denoised/raw group means, sorted by bayes_factor then LFC\n"
+        "  volcano_<group1>_vs_<group2>.png   LFC against the Bayes factor, top genes named\n"
+        "  summary.csv                    one row per comparison: group sizes, LFC threshold delta, pseudocount,\n"
+        "                                 number of genes with prob_DE >= 0.8\n"
+        "Groups: --groupby COLUMN of the spots' obs (or of the --labels CSV). Without either, the domains of\n"
+        "`spavae domains` in the default output folder (<...>/domains/domains.csv), else the refined domains of\n"
+        "`spavae run` / `spavae evaluate`.")
+    de.add_argument("--groupby", metavar="COLUMN", help="obs column (or --labels CSV column) with the groups")
+    de.add_argument("--labels", metavar="CSV", help="CSV of groups: first column the spot names, then the group "
+                                                    "column(s), e.g. the domains.csv of `spavae domains`")
+    de.add_argument("--group1", metavar="A[,B...]", help="labels of the first group (default: each group in turn)")
+    de.add_argument("--group2", metavar="C[,D...]", help="labels of the second group (default: every other "
+                                                         "labelled spot)")
+    de.add_argument("--unlabeled", default="NA", help="label of unannotated spots, left out of 'the rest' "
+                                                      "(default NA)")
+    de.add_argument("--n-draws", type=int, default=10000, help="spots drawn per group (default 10000, as the "
+                                                               "original)")
+    de.set_defaults(handler=de_command)
+
+    svg = _analysis_parser(
+        sub, "svg", "spatially variable genes (linear-decoder spaLDVAE scores, optional permutation p-values)",
+        "Rank genes by their spatial score, the share of their expected expression that comes from the GP\n"
+        "factors of a linear-decoder model (spavae.analysis.svg). The run's own model is used when it is a\n"
+        "linear-decoder model; otherwise a spaLDVAE is trained on the run's spots (--epochs, --beta). Writes:\n"
+        "  svg.csv          one row per gene, best first: spatial_score, non_spatial_score, rank[, pvalue]\n"
+        "  svg.png          the top --n-plot genes in space, measured vs denoised (normalised scale)\n"
+        "  svg_model.pt     the spaLDVAE trained here (when the run's model is not one)\n"
+        "--permutations N retrains N models on locations shuffled across spots for empirical p-values: each\n"
+        "costs one more training.")
+    svg.add_argument("--epochs", type=int, default=400, help="epochs of the spaLDVAE trained here (default 400)")
+    svg.add_argument("--beta", type=float, default=10.0,
+                     help="KL weight of the spaLDVAE trained here (default 10, the original's; use 1 for panels of "
+                          "about a hundred genes, where 10 collapses the latent)")
+    svg.add_argument("--permutations", type=int, default=0, help="null models on permuted locations (default 0)")
+    svg.add_argument("--n-plot", type=int, default=4, help="genes drawn in svg.png (default 4)")
+    svg.add_argument("--quiet", action="store_true", help="no progress bar")
+    svg.set_defaults(handler=svg_command)
+
+    predict = _analysis_parser(
+        sub, "predict", "latent and expression at new locations from a CSV",
+        "Predict the latent (GP posterior at the new locations; Gaussian dimensions of the nearest spot) and the\n"
+        "denoised expression (normalised scale) at the locations of LOCATIONS.csv, in the coordinate frame of\n"
+        "the training spots (spavae.analysis.predict). Writes:\n"
+        "  predictions.csv    one row per input row: its columns, nearest_spot, latent_gp0.., latent_gauss0..,\n"
+        "                     then one column per gene of --genes (all genes by default)\n"
+        "  predictions.h5ad   the same as an AnnData (expression in .X, latent in obsm['X_spavae'])\n"
+        "  predictions.png    a gene measured at the spots and predicted at the new locations\n"
+        "Single-section models only for now.")
+    predict.add_argument("locations", metavar="LOCATIONS.csv", help="CSV with one row per new location")
+    predict.add_argument("--x-column", default="x", help="column of the x coordinate (default x)")
+    predict.add_argument("--y-column", default="y", help="column of the y coordinate (default y)")
+    _add_gene_options(predict)
+    predict.set_defaults(handler=predict_command)
+
+    enhance = _analysis_parser(
+        sub, "enhance", "5x resolution: predict 4 sub-spots around every spot",
+        "Predict latent and expression at four sub-spots around every spot plus the spot itself (5N rows;\n"
+        "spavae.analysis.enhance). Writes:\n"
+        "  enhanced.h5ad    5N rows: expression (normalised scale) in .X, obsm['spatial'], the latent in\n"
+        "                   obsm['X_spavae'], obs['parent_spot'] and obs['offset']\n"
+        "  enhanced.png     a gene measured at the spots and predicted at the 5N sub-spots\n"
+        "Single-section models only for now.")
+    _add_gene_options(enhance, table=False)
+    enhance.set_defaults(handler=enhance_command)
+
+
+def _add_gene_options(parser: argparse.ArgumentParser, *, table: bool = True) -> None:
+    if table:
+        parser.add_argument("--genes", metavar="G1[,G2...]", help="genes written to the table (default: all)")
+    parser.add_argument("--plot-gene", metavar="GENE", help="gene drawn in the figure (default: the first of --genes, "
+                                                           "else the gene most variable across the spots)"
+                        if table else "gene drawn in the figure (default: the gene most variable across the spots)")
+    parser.add_argument("--n-samples", type=int, default=25, help="latent draws averaged per location (default 25)")
+
+
 def train_command(args: argparse.Namespace) -> None:
     """The ``train`` command."""
     from spavae import experiment
@@ -139,6 +363,55 @@ def evaluate_command(args: argparse.Namespace) -> None:
     print(json.dumps(experiment.evaluate(args.run_dir, log_config=args.log_config)), flush=True)
 
 
+def _plain(value):
+    """JSON form of NumPy scalars and arrays."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+class Outputs:
+    """Writes the files of one command into its folder, each atomically, and reports what it wrote."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.names: list[str] = []
+
+    def _path(self, name: str) -> Path:
+        self.names.append(name)
+        return self.folder / name
+
+    def csv(self, name: str, table: pd.DataFrame, *, index: bool = True) -> None:
+        """``table`` (with its index unless ``index=False``) as ``name``."""
+        with atomic_path(self._path(name)) as tmp:
+            table.to_csv(tmp, index=index)
+
+    def h5ad(self, name: str, adata) -> None:
+        """``adata`` as ``name``."""
+        with atomic_path(self._path(name)) as tmp:
+            adata.write_h5ad(tmp)
+
+    def json(self, name: str, value: dict) -> None:
+        """``value`` as indented JSON."""
+        with atomic_path(self._path(name)) as tmp:
+            tmp.write_text(json.dumps(value, indent=2, default=_plain) + "\n")
+
+    def figure(self, name: str, plot, *args, **kwargs) -> None:
+        """``plot(*args, path, **kwargs)``: a :mod:`spavae.plot` function (those write atomically)."""
+        plot(*args, self._path(name), **kwargs)
+
+    def model(self, name: str, model: spavae.SpaVAE) -> None:
+        """``model.save`` as ``name`` (replacing an older file)."""
+        model.save(self._path(name), overwrite=True)
+
+    def report(self) -> None:
+        """Print the folder and the files written."""
+        print(f"wrote {self.folder}/: {', '.join(self.names)}", flush=True)
+
+
+def latent_columns(model: spavae.SpaVAE) -> list[str]:
+    """Names of the latent dimensions: ``gp0``, ``gp1``, ..., then ``gauss0``, ``gauss1``, ..."""
+    return [f"gp{i}" for i in range(model.module.n_gp)] + [f"gauss{i}" for i in range(model.module.n_gauss)]
+
+
 def run_command(args: argparse.Namespace) -> dict:
     """The ``run`` command; returns the metrics it writes to ``metrics.json``."""
     if args.threads:
@@ -155,13 +428,7 @@ def run_command(args: argparse.Namespace) -> dict:
         source = str(args.input)
     adata = filter_empty(adata)
     truth = adata.obs[LABEL_KEY] if LABEL_KEY in adata.obs else None
-    n_domains = args.n_domains
-    if n_domains is None:
-        if truth is None:
-            raise SystemExit("error: the input has no ground-truth labels; give the number of domains with --n-domains")
-        n_domains = int(pd.Series(truth.astype(str)).loc[lambda s: s != "NA"].nunique())
-    print(f"spavae {spavae.__version__}: {adata.n_obs} spots x {adata.n_vars} genes from {source}; "
-          f"{n_domains} domains", flush=True)
+    print(f"spavae {spavae.__version__}: {adata.n_obs} spots x {adata.n_vars} genes from {source}", flush=True)
     start = time.perf_counter()
     model = spavae.SpaVAE(adata, kernel=args.kernel, inducing_steps=args.inducing_steps, dtype=args.dtype,
                           device=args.device, seed=args.seed)
@@ -169,30 +436,264 @@ def run_command(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - start
     model.write_results(adata)
     latent = adata.obsm["X_spavae"]
+    n_domains, chosen_by = requested_n_domains(args.n_domains, adata)
+    selection = None
+    if n_domains == "auto":
+        n_domains, selection = choose_n_domains(latent, adata.obsm["spatial"], k_range=args.k_range, seed=args.seed)
+    print(_describe_choice(n_domains, chosen_by, selection), flush=True)
     domains = cluster_kmeans(latent, n_domains, seed=args.seed)
     refined = refine_labels(domains, adata.obsm["spatial"])
-    adata.obs["spavae_domain"] = pd.Categorical(domains.astype(str))
-    adata.obs["spavae_domain_refined"] = pd.Categorical(refined.astype(str))
+    categories = [str(c) for c in range(n_domains)]
+    for key, labels in (("spavae_domain", domains), ("spavae_domain_refined", refined)):
+        adata.obs[key] = pd.Categorical(labels.astype(str), categories=categories)
+        set_category_colors(adata, key)
     metrics = {"input": source, "n_spots": adata.n_obs, "n_genes": adata.n_vars, "n_domains": n_domains,
-               "epochs": int(len(model.history)), "train_seconds": round(seconds, 2)}
+               "n_domains_chosen_by": chosen_by, "epochs": int(len(model.history)), "train_seconds": round(seconds, 2)}
     if truth is not None:
         for name, labels in (("", domains), ("_refined", refined)):
             scores = score_clustering(truth.astype(str), labels)
             metrics[f"ari{name}"], metrics[f"nmi{name}"] = round(scores["ari"], 4), round(scores["nmi"], 4)
-    with atomic_path(out / "results.h5ad") as tmp:
-        adata.write_h5ad(tmp)
-    with atomic_path(out / "latent.csv") as tmp:
-        pd.DataFrame(latent, index=adata.obs_names,
-                     columns=[f"gp{i}" for i in range(model.module.n_gp)]
-                     + [f"gauss{i}" for i in range(model.module.n_gauss)]).to_csv(tmp)
-    plot_spatial_domains(adata.obsm["spatial"], domains, out / "domains.png", truth=truth)
-    plot_training_curves(model.history, out / "training.png")
-    model.save(out / "model.pt", overwrite=True)
-    with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2))
+    written = Outputs(out)
+    written.h5ad("results.h5ad", adata)
+    written.csv("latent.csv", pd.DataFrame(latent, index=adata.obs_names, columns=latent_columns(model)))
+    if selection is not None:
+        written.csv("n_domains_selection.csv", selection)
+    written.figure("domains.png", plot_spatial_domains, adata.obsm["spatial"], domains, truth=truth)
+    written.figure("training.png", plot_training_curves, model.history)
+    written.model("model.pt", model)
+    written.json("metrics.json", metrics)
     print(json.dumps(metrics), flush=True)
-    print(f"wrote {out}/: results.h5ad, latent.csv, domains.png, training.png, model.pt, metrics.json", flush=True)
+    written.report()
     return metrics
+
+
+# ---------------------------------------------------------------------- analyses of a trained run
+def _open(args: argparse.Namespace, command: str) -> tuple[TrainedRun, Path]:
+    """The run of ``args.source`` and the output folder of ``command``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = open_run(args.source, model_path=args.model, device=args.device)
+    return run, Path(args.out) if args.out else run.output_root / command
+
+
+def _slug(labels: list[str] | None) -> str:
+    """A file-name part for a group: its labels joined by '+', other characters than [A-Za-z0-9_.+-] as '_'."""
+    return "rest" if labels is None else re.sub(r"[^A-Za-z0-9_.+-]", "_", "+".join(labels))
+
+
+def _split(text: str | None) -> list[str] | None:
+    return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _counts(adata, model: spavae.SpaVAE, genes: list[str]) -> np.ndarray:
+    """Measured counts of ``genes`` divided by the model's size factors (the normalised scale of the decoder)."""
+    layer = model.init_params["layer"]
+    matrix = (adata.X if layer is None else adata.layers[layer])[:, adata.var_names.get_indexer(genes)]
+    matrix = matrix.toarray() if sparse.issparse(matrix) else np.asarray(matrix)
+    return matrix.astype(np.float64) / model.size_factors[:, None]
+
+
+def _check_genes(genes: list[str], known: pd.Index) -> None:
+    unknown = [g for g in genes if g not in known]
+    if unknown:
+        raise KeyError(f"unknown gene(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}: not among the "
+                       f"{len(known)} genes of the model (e.g. {list(known[:3])})")
+
+
+def _plot_gene(args: argparse.Namespace, adata, model: spavae.SpaVAE, genes: list[str] | None) -> str:
+    """``--plot-gene``, else the first of ``genes``, else the gene whose log normalised counts vary most."""
+    if args.plot_gene is not None:
+        _check_genes([args.plot_gene], model.var_names)
+        return args.plot_gene
+    if genes:
+        return genes[0]
+    names = list(model.var_names)
+    variances = np.concatenate([np.log1p(_counts(adata, model, names[i:i + 1000])).var(0)
+                                for i in range(0, len(names), 1000)])
+    return names[int(np.argmax(variances))]
+
+
+def _single_section(model: spavae.SpaVAE) -> None:
+    if model.init_params.get("batch_key") is not None:
+        raise ValueError("prediction and enhancement of multi-section models are not available from the command line "
+                         "yet; use a single-section model")
+
+
+def domains_command(args: argparse.Namespace) -> None:
+    """The ``domains`` command."""
+    run, out = _open(args, "domains")
+    run.ensure_latent()
+    adata = run.adata
+    n_domains, chosen_by = requested_n_domains(args.n_domains, adata)
+    truth_key = LABEL_KEY if labelled_domains(adata) is not None else None
+    find_domains(adata, n_domains, method=args.method, refine=None if args.refine == "none" else args.refine,
+                 visium_array=args.visium_array, truth_key=truth_key, k_range=args.k_range, seed=args.seed,
+                 key_added=args.key)
+    info = adata.uns[args.key]
+    selection = None
+    if "selection" in info:
+        selection = pd.DataFrame({k: info["selection"][k] for k in ("silhouette", "spatial_coherence")},
+                                 index=pd.Index(info["selection"]["k"], name="k"))
+        selection["chosen"] = selection.index == info["n_domains"]
+    print(_describe_choice(info["n_domains"], chosen_by, selection), flush=True)
+    columns = [key for key in (args.key, f"{args.key}_unrefined") if key in adata.obs]
+    export = adata.copy()
+    for layer in [name for name in export.layers if name.endswith("_denoised")]:
+        del export.layers[layer]  # recomputable from the model, and as large as the data
+    if export.X is not None and not sparse.issparse(export.X):
+        export.X = sparse.csr_matrix(export.X)
+    locations = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    summary = {"source": str(args.source), "n_domains": info["n_domains"], "n_domains_chosen_by": chosen_by,
+               **{k: info[k] for k in ("resolution", "leiden_seed", "scores") if k in info}, "params": info["params"]}
+    written = Outputs(out)
+    written.csv("domains.csv", adata.obs[columns].rename_axis("spot"))
+    written.h5ad("domains.h5ad", export)
+    written.figure("domains.png", plot_spatial_domains,
+                   visium_array_to_xy(locations) if args.visium_array else locations, adata.obs[args.key],
+                   truth=adata.obs[truth_key] if truth_key else None)
+    written.json("summary.json", summary)
+    if selection is not None:
+        written.csv("n_domains_selection.csv", selection)
+    written.report()
+
+
+def _de_groups(args: argparse.Namespace, run: TrainedRun) -> tuple[str, str]:
+    """Put the groups in an ``obs`` column; returns the column and where the groups came from."""
+    adata = run.adata
+    labels = Path(args.labels) if args.labels else None
+    if labels is None and args.groupby is None:
+        default = run.output_root / "domains" / "domains.csv"
+        if default.is_file():
+            labels = default
+        elif "spavae_domain_refined" in adata.obs:
+            return "spavae_domain_refined", "the refined domains of the run (obs['spavae_domain_refined'])"
+        else:
+            raise ValueError("no groups to compare: run `spavae domains SOURCE` first, or give --groupby COLUMN "
+                             f"(obs columns: {list(adata.obs.columns)}) or --labels CSV")
+    if labels is None:
+        if args.groupby not in adata.obs:
+            raise KeyError(f"--groupby {args.groupby}: the spots have no such obs column; columns: "
+                           f"{list(adata.obs.columns)}")
+        return args.groupby, f"obs['{args.groupby}']"
+    table = pd.read_csv(labels, index_col=0)
+    column = args.groupby or (table.columns[0] if len(table.columns) else None)
+    if column not in table:
+        raise KeyError(f"{labels} has no column {column!r}; columns: {list(table.columns)}")
+    table.index = table.index.astype(str)
+    if not adata.obs_names.isin(table.index).any():
+        raise ValueError(f"none of the spot names in {labels} (first column) are spots of {args.source}")
+    values = table[column].astype(str).reindex(adata.obs_names)
+    adata.obs[column] = values.to_numpy(dtype=object)
+    return column, f"column '{column}' of {labels}"
+
+
+def de_command(args: argparse.Namespace) -> None:
+    """The ``de`` command."""
+    run, out = _open(args, "de")
+    group1, group2 = _split(args.group1), _split(args.group2)
+    if group2 is not None and group1 is None:
+        raise ValueError("--group2 needs --group1 (without both, each group is compared with the rest)")
+    groupby, where = _de_groups(args, run)
+    model, adata = run.model(), run.adata
+    print(f"groups: {where}", flush=True)
+    options = {"groupby": groupby, "unlabeled": args.unlabeled, "n_draws": args.n_draws, "seed": args.seed}
+    if group1 is not None:
+        table = differential_expression(adata, model, group1=group1, group2=group2, **options)
+        comparisons = [(group1, group2, table, table.attrs)]
+    else:
+        rank_genes_domains(adata, model, key_added="spavae_de", **options)
+        results, summary = adata.uns["spavae_de"]["results"], adata.uns["spavae_de"]["summary"]
+        comparisons = [([row.group], None,
+                        results[results["group"] == row.group].drop(columns="group").set_index("gene"),
+                        row._asdict()) for row in summary.itertuples(index=False)]
+    written, rows = Outputs(out), []
+    for first, second, table, attrs in comparisons:
+        name = f"{_slug(first)}_vs_{_slug(second)}"
+        table = table.sort_values(["bayes_factor", "LFC"], ascending=False)
+        written.csv(f"de_{name}.csv", table)
+        written.figure(f"volcano_{name}.png", plot_volcano, table,
+                       title=f"{'+'.join(first)} vs {'rest' if second is None else '+'.join(second)}")
+        rows.append({"group1": "+".join(first), "group2": "rest" if second is None else "+".join(second),
+                     **{k: attrs[k] for k in ("n_spots1", "n_spots2", "delta", "pseudocount")},
+                     "n_prob_de_0.8": int((table["prob_DE"] >= 0.8).sum())})
+    written.csv("summary.csv", pd.DataFrame(rows), index=False)
+    written.report()
+
+
+def svg_command(args: argparse.Namespace) -> None:
+    """The ``svg`` command."""
+    run, out = _open(args, "svg")
+    adata = run.adata
+    model = run.model() if run.model_path is not None else None
+    trained_here = model is None or not (model.init_params["decoder"] == "linear"
+                                         and model.init_params["latent_distribution"] == "lognormal")
+    if trained_here:
+        data_keys = {} if model is None else {k: model.init_params[k] for k in ("layer", "spatial_key")}
+        print(f"training a linear-decoder spaLDVAE for the spatial scores ({args.epochs} epochs at most, "
+              f"beta {args.beta})", flush=True)
+        model = spavae.SpaVAE.from_variant("spaLDVAE", adata, device=args.device or "auto", seed=args.seed, **data_keys)
+        model.train(**(VARIANTS["spaLDVAE"]["train"] | {"max_epochs": args.epochs, "beta": args.beta,
+                                                         "progress": not args.quiet}))
+    table = spatially_variable_genes(adata, model, n_permutations=args.permutations,
+                                     progress=lambda r: print(f"null model {r + 1}/{args.permutations}", flush=True))
+    top = list(table.index[:args.n_plot])
+    denoised = model.get_denoised_counts(library_size="normalized")[:, model.var_names.get_indexer(top)]
+    written = Outputs(out)
+    written.csv("svg.csv", table.rename_axis("gene"))
+    written.figure("svg.png", plot_marker_genes, adata.obsm[model.init_params["spatial_key"]],
+                   _counts(adata, model, top), denoised, top, titles=("measured", "spaLDVAE denoised"))
+    if trained_here:
+        written.model("svg_model.pt", model)
+    written.report()
+
+
+def predict_command(args: argparse.Namespace) -> None:
+    """The ``predict`` command."""
+    run, out = _open(args, "predict")
+    table = pd.read_csv(args.locations)
+    missing = [c for c in (args.x_column, args.y_column) if c not in table]
+    if missing:
+        raise ValueError(f"{args.locations} has no column(s) {missing} (columns: {list(table.columns)}); name the "
+                         "coordinate columns with --x-column and --y-column")
+    try:
+        coordinates = table[[args.x_column, args.y_column]].apply(pd.to_numeric).to_numpy(np.float64)
+    except ValueError as err:
+        raise ValueError(f"{args.locations}: the coordinate columns must be numbers ({err})") from None
+    model, adata = run.model(), run.adata
+    _single_section(model)
+    genes = _split(args.genes) or list(model.var_names)
+    _check_genes(genes, model.var_names)
+    gene = _plot_gene(args, adata, model, _split(args.genes))
+    predicted = predict(model, coordinates, n_samples=args.n_samples, seed=args.seed,
+                        obs_names=pd.Index([f"pred{i}" for i in range(len(table))]))
+    latent = pd.DataFrame(predicted.obsm["X_spavae"], columns=[f"latent_{c}" for c in latent_columns(model)])
+    expression = pd.DataFrame(predicted[:, genes].X, columns=genes)
+    result = pd.concat([table, pd.DataFrame({"nearest_spot": predicted.obs["nearest_spot"].astype(str).to_numpy()}),
+                        latent, expression], axis=1)
+    spots = adata.obsm[model.init_params["spatial_key"]]
+    written = Outputs(out)
+    written.csv("predictions.csv", result, index=False)
+    written.h5ad("predictions.h5ad", predicted)
+    written.figure("predictions.png", plot_gene_spatial,
+                   {"measured (normalised)": (spots, _counts(adata, model, [gene])),
+                    "predicted": (coordinates, predicted[:, gene].X)}, gene=gene)
+    written.report()
+
+
+def enhance_command(args: argparse.Namespace) -> None:
+    """The ``enhance`` command."""
+    run, out = _open(args, "enhance")
+    model, adata = run.model(), run.adata
+    _single_section(model)
+    gene = _plot_gene(args, adata, model, None)
+    enhanced = enhance(model, n_samples=args.n_samples, seed=args.seed)
+    written = Outputs(out)
+    written.h5ad("enhanced.h5ad", enhanced)
+    written.figure("enhanced.png", plot_gene_spatial,
+                   {"measured (normalised)": (adata.obsm[model.init_params["spatial_key"]],
+                                              _counts(adata, model, [gene])),
+                    "enhanced": (enhanced.obsm["spatial"], enhanced[:, gene].X)}, gene=gene)
+    written.report()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,8 @@ def test_help_lists_every_option(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--help"])
     text = capsys.readouterr().out
-    for option in ("--out", "--epochs", "--kernel", "--n-domains", "--seed", "--threads", "--device"):
+    for option in ("--out", "--epochs", "--kernel", "--n-domains", "--k-range", "--seed", "--threads", "--device",
+                   "n_domains_selection.csv"):
         assert option in text
 
 
@@ -29,7 +30,8 @@ def test_run_on_an_h5_file_writes_every_output(tmp_path, small_adata):
     for name in ("results.h5ad", "latent.csv", "domains.png", "training.png", "model.pt", "metrics.json"):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["n_domains"] == 4 and metrics["epochs"] == 2 and 0 <= metrics["nmi"] <= 1
+    assert metrics["n_domains"] == 4 and metrics["n_domains_chosen_by"] == "labels" and metrics["epochs"] == 2
+    assert not (out / "n_domains_selection.csv").exists()
     results = spavae.read_h5ad(out / "results.h5ad")
     assert results.obsm["X_spavae"].shape == (256, 10)
     assert results.obs["spavae_domain"].nunique() <= 4
@@ -39,12 +41,13 @@ def test_run_on_an_h5_file_writes_every_output(tmp_path, small_adata):
 def test_run_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["run", str(tmp_path / "missing.h5"), "--out", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err
-    unlabeled = tmp_path / "nolabels.h5"
-    with h5py.File(unlabeled, "w") as h5:
-        h5["X"] = np.ones((10, 3))
-        h5["pos"] = np.random.default_rng(0).uniform(size=(10, 2))
-    with pytest.raises(SystemExit, match="--n-domains"):
-        main(["run", str(unlabeled), "--out", str(tmp_path / "o")])
+    for value in ("1", "many"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["run", "--n-domains", value])
+        assert exit_info.value.code == 2 and "--n-domains" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "--k-range", "3-12"])
+    assert "LOW:HIGH" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script,args", [("quickstart.py", ["--epochs", "2"]), ("pyro_predictive.py", ["--epochs", "2"])])

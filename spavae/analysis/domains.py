@@ -1,19 +1,29 @@
-"""Spatial domains from the latent: KMeans or Leiden (resolution searched), refinement and scores (ALGORITHM 7.6)."""
+"""Spatial domains from the latent: KMeans or Leiden (resolution searched), the number of domains chosen by the
+silhouette, refinement, scores (ALGORITHM 7.6) and scanpy-style colours."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import anndata as ad
 import igraph
 import leidenalg
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
+from matplotlib.colors import to_hex
 from scipy import sparse
+from scipy.spatial import cKDTree
+from sklearn.metrics import silhouette_score
 from sklearn.neighbors import kneighbors_graph
 
 from spavae.analysis._common import obsm_array, spot_coordinates
 from spavae.analysis.clustering import NEIGHBOURS, cluster_kmeans, refine_labels, score_clustering
 
 METHODS = ("kmeans", "leiden")
+DEFAULT_K_RANGE = range(3, 13)
+SILHOUETTE_SAMPLE = 5000
+"""Spots over which the silhouette is computed (a seeded subsample above this; its cost is quadratic)."""
 
 
 def _leiden(graph: igraph.Graph, resolution: float, seed: int) -> np.ndarray:
@@ -87,18 +97,120 @@ def leiden_n_domains(latent: np.ndarray, n_domains: int, *, n_neighbors: int = 2
                      f"(cluster counts seen: {counts}); try other n_neighbors, more n_seeds, or method='kmeans'")
 
 
-def find_domains(adata: ad.AnnData, n_domains: int, *, method: str = "kmeans", use_rep: str = "X_spavae",
+def spatial_coherence(labels: np.ndarray, locations: np.ndarray, *, n_neighbors: int = 6) -> float:
+    """Chance-corrected agreement of each spot's label with those of its ``n_neighbors`` nearest spots.
+
+    ``(observed - expected) / (1 - expected)``, where ``observed`` is the mean fraction of a spot's spatial
+    neighbours that share its label and ``expected = sum_c p_c**2`` the same fraction for labels shuffled over the
+    spots (``p_c`` the share of label ``c``): 1 for domains without a single disagreeing neighbour, about 0 for
+    labels scattered at random, as Cohen's kappa.
+    """
+    labels = np.asarray(labels)
+    locations = np.asarray(locations, dtype=np.float64)
+    if locations.shape != (len(labels), 2):
+        raise ValueError(f"locations must be n_spots x 2 = {(len(labels), 2)}, got shape {locations.shape}")
+    if not 1 <= n_neighbors < len(labels):
+        raise ValueError(f"n_neighbors must be between 1 and n_spots - 1 = {len(labels) - 1}, got {n_neighbors}")
+    _, neighbours = cKDTree(locations).query(locations, k=n_neighbors + 1)
+    observed = float((labels[neighbours[:, 1:]] == labels[:, None]).mean())
+    _, counts = np.unique(labels, return_counts=True)
+    expected = float(((counts / len(labels)) ** 2).sum())
+    return 1.0 if expected == 1.0 else (observed - expected) / (1.0 - expected)
+
+
+def choose_n_domains(latent: np.ndarray, locations: np.ndarray, *, k_range: Sequence[int] = DEFAULT_K_RANGE,
+                     n_init: int = 10, seed: int = 0) -> tuple[int, pd.DataFrame]:
+    """The number of domains with the highest mean silhouette of KMeans on the latent.
+
+    For every ``k`` in ``k_range`` the latent is clustered by KMeans (``n_init`` restarts) and scored by its mean
+    silhouette width (Euclidean, on the latent; over a seeded subsample of 5000 spots when there are more), and
+    the ``k`` with the largest silhouette is chosen. This is the rule GraphST's authors advise when the number of
+    domains is unknown (silhouette on the latent) and SpaGCN's paper uses to pick a resolution. The silhouette
+    rewards compact, separated clusters; on a smooth latent without clear clusters it leans to the small end of
+    the range, so read the table, not only the choice. ``spatial_coherence`` (:func:`spatial_coherence`, 6
+    neighbours) is reported beside it, not used for the choice: splitting a true domain in two lowers it.
+
+    Parameters
+    ----------
+    latent
+        ``n_spots x d`` embedding (e.g. ``obsm['X_spavae']``).
+    locations
+        ``n_spots x 2`` coordinates for the spatial coherence (Visium array coordinates mapped with
+        :func:`~spavae.analysis.visium_array_to_xy` first).
+    k_range
+        Candidate numbers of domains (each between 2 and ``n_spots - 1``); the default is 3 to 12.
+    n_init
+        KMeans restarts per ``k``.
+    seed
+        Seed of KMeans and of the silhouette subsample.
+
+    Returns
+    -------
+    ``(k, table)``: the chosen number and a table indexed by ``k`` with columns ``silhouette``,
+    ``spatial_coherence`` and ``chosen``.
+    """
+    latent = np.asarray(latent, dtype=np.float64)
+    k_values = sorted({int(k) for k in k_range})
+    if not k_values or k_values[0] < 2 or k_values[-1] >= len(latent):
+        raise ValueError(f"k_range must hold numbers between 2 and n_spots - 1 = {len(latent) - 1}, "
+                         f"got {list(k_range)}")
+    sample = SILHOUETTE_SAMPLE if len(latent) > SILHOUETTE_SAMPLE else None
+    rows = []
+    for k in k_values:
+        labels = cluster_kmeans(latent, k, n_init=n_init, seed=seed)
+        silhouette = (silhouette_score(latent, labels, sample_size=sample, random_state=seed)
+                      if len(np.unique(labels)) > 1 else np.nan)  # a latent with fewer distinct rows than k
+        rows.append({"k": k, "silhouette": float(silhouette),
+                     "spatial_coherence": spatial_coherence(labels, locations)})
+    table = pd.DataFrame(rows).set_index("k")
+    if table["silhouette"].isna().all():
+        raise ValueError("KMeans found a single cluster for every k: the latent rows are (nearly) identical")
+    chosen = int(table["silhouette"].idxmax())
+    table["chosen"] = table.index == chosen
+    return chosen, table
+
+
+def domain_colors(n_categories: int) -> list[str]:
+    """``n_categories`` distinct hex colours: tab10 up to 10, tab20 up to 20 (as :mod:`spavae.plot`), else turbo."""
+    if n_categories < 1:
+        raise ValueError(f"n_categories must be >= 1, got {n_categories}")
+    if n_categories <= 20:
+        cmap = colormaps["tab10" if n_categories <= 10 else "tab20"]
+        return [to_hex(cmap(i)) for i in range(n_categories)]
+    return [to_hex(c) for c in colormaps["turbo"](np.linspace(0.0, 1.0, n_categories))]
+
+
+def set_category_colors(adata: ad.AnnData, key: str) -> None:
+    """Make ``obs[key]`` categorical and store one hex colour per category in ``uns[key + '_colors']``.
+
+    The colours follow the category order, which is where ``scanpy.pl.spatial`` and
+    ``squidpy.pl.spatial_scatter`` read them from. An existing categorical keeps its category order.
+    """
+    if key not in adata.obs:
+        raise KeyError(f"adata.obs has no column '{key}'; columns: {list(adata.obs.columns)}")
+    if not isinstance(adata.obs[key].dtype, pd.CategoricalDtype):
+        adata.obs[key] = pd.Categorical(adata.obs[key].astype(str))
+    adata.uns[f"{key}_colors"] = domain_colors(len(adata.obs[key].cat.categories))
+
+
+def find_domains(adata: ad.AnnData, n_domains: int | str, *, method: str = "kmeans", use_rep: str = "X_spavae",
                  refine: str | None = None, spatial_key: str = "spatial", visium_array: bool = False,
                  truth_key: str | None = None, unlabeled: str = "NA", n_neighbors: int = 20, n_init: int = 100,
-                 seed: int = 0, key_added: str = "spavae_domains", copy: bool = False) -> ad.AnnData | None:
+                 k_range: Sequence[int] = DEFAULT_K_RANGE, seed: int = 0, key_added: str = "spavae_domains",
+                 copy: bool = False) -> ad.AnnData | None:
     """Cluster the latent into ``n_domains`` spatial domains and write them to ``adata.obs[key_added]``.
+
+    The domains are a categorical column (categories ``'0'``, ``'1'``, ...) with one hex colour per category in
+    ``uns[key_added + '_colors']``, so ``scanpy.pl.spatial(adata, color=key_added)`` and
+    ``squidpy.pl.spatial_scatter`` draw them as they are.
 
     Parameters
     ----------
     adata
         AnnData with the latent in ``obsm[use_rep]`` (e.g. after :meth:`~spavae.SpaVAE.write_results`).
     n_domains
-        Number of domains wanted.
+        Number of domains wanted, or ``'auto'``: the ``k`` of ``k_range`` with the highest silhouette
+        (:func:`choose_n_domains`, on ``obsm[spatial_key]``); its table goes to ``uns[key_added]['selection']``.
     method
         * ``'kmeans'``: KMeans with ``n_init`` restarts (the original's default for DLPFC);
         * ``'leiden'``: Leiden on a ``n_neighbors``-NN graph of the latent, resolution searched by
@@ -119,6 +231,8 @@ def find_domains(adata: ad.AnnData, n_domains: int, *, method: str = "kmeans", u
         The reference label of unannotated spots.
     n_neighbors, n_init, seed
         Leiden graph size, KMeans restarts, and the seed of both.
+    k_range
+        Candidate numbers of domains for ``n_domains='auto'`` (3 to 12).
     key_added
         ``obs`` column of the domains; parameters (and the Leiden resolution and seed used) go to
         ``uns[key_added]``.
@@ -135,11 +249,21 @@ def find_domains(adata: ad.AnnData, n_domains: int, *, method: str = "kmeans", u
         raise ValueError(f"refine must be None or one of {sorted(NEIGHBOURS)}, got {refine!r}")
     if truth_key is not None and truth_key not in adata.obs:
         raise KeyError(f"adata.obs has no column '{truth_key}'; columns: {list(adata.obs.columns)}")
+    if n_domains != "auto" and not isinstance(n_domains, (int, np.integer)):
+        raise ValueError(f"n_domains must be a number of domains or 'auto', got {n_domains!r}")
     latent = obsm_array(adata, use_rep, hint="the latent; write it with model.write_results(adata)")
     adata = adata.copy() if copy else adata
     info: dict = {"params": {"n_domains": n_domains, "method": method, "use_rep": use_rep, "refine": refine,
                              "visium_array": visium_array, "n_neighbors": n_neighbors, "n_init": n_init,
                              "seed": seed}}
+    if n_domains == "auto":
+        n_domains, table = choose_n_domains(latent, spot_coordinates(adata, spatial_key, visium_array),
+                                            k_range=k_range, seed=seed)
+        info["params"]["k_range"] = [int(k) for k in table.index]
+        info["selection"] = {"rule": "silhouette", "k": [int(k) for k in table.index],
+                             "silhouette": table["silhouette"].tolist(),
+                             "spatial_coherence": table["spatial_coherence"].tolist()}
+    info["n_domains"] = int(n_domains)
     if method == "kmeans":
         labels = cluster_kmeans(latent, n_domains, n_init=n_init, seed=seed)
     else:
@@ -152,6 +276,7 @@ def find_domains(adata: ad.AnnData, n_domains: int, *, method: str = "kmeans", u
                    key_added: refine_labels(labels, spot_coordinates(adata, spatial_key, visium_array), shape=refine)}
     for key, values in results.items():
         adata.obs[key] = pd.Categorical(values.astype(str), categories=categories)
+        set_category_colors(adata, key)
     if truth_key is not None:
         truth = adata.obs[truth_key].astype(object).to_numpy()
         info["scores"] = {key: score_clustering(truth, values, unlabeled=unlabeled) for key, values in results.items()}
