@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import logging
 import os
 import warnings
@@ -21,11 +22,15 @@ from spavae.builder import GP_DTYPE, build_module
 from spavae.data.setup import DataSetup
 from spavae.data.spots import SpotData
 from spavae.likelihoods import NegativeBinomialObservation
+from spavae.model import Batch
 from spavae.train import Trainer, auto_batch_size
 from spavae.utils import atomic_path, resolve_device, resolve_dtype, set_seed
 
 logger = logging.getLogger("spavae")
 
+#: The architecture options of :func:`~spavae.builder.build_module` and their defaults (recorded in ``init_params``).
+MODULE_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(build_module).parameters.items()
+                   if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("n_obs", "dtype")}
 #: Version of the model-file layout written by :meth:`SpaVAE.save` (2: the fitted data setup and q(u) inside).
 MODEL_FORMAT = 2
 #: ``write_results`` writes the denoised layer in memory only up to this many spots x genes entries (200 MB in
@@ -124,8 +129,14 @@ class SpaVAE:
         setup: DataSetup | None = None,
         **module_options,
     ):
+        unknown = sorted(set(module_options) - set(MODULE_DEFAULTS))
+        if unknown:
+            raise TypeError(f"SpaVAE got unknown option(s) {unknown}; the architecture options are "
+                            f"{sorted(MODULE_DEFAULTS)}")
+        module_options = MODULE_DEFAULTS | module_options
         self.init_params = {k: v for k, v in locals().items()
-                            if k not in ("self", "adata", "setup", "module_options", "__class__")} | module_options
+                            if k not in ("self", "adata", "setup", "module_options", "unknown", "__class__")
+                            } | module_options
         if gp_n_obs not in ("all", "train"):
             raise ValueError(f"gp_n_obs must be one of ['all', 'train'], got {gp_n_obs!r}")
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
@@ -135,10 +146,7 @@ class SpaVAE:
             likelihood=likelihood, n_top_genes=n_top_genes, loc_range=loc_range, inducing=inducing,
             inducing_steps=inducing_steps, n_inducing=n_inducing, seed=seed)
         self.data = SpotData(adata, self.setup, device=self.device, dtype=self.dtype, gp_dtype=GP_DTYPE)
-        try:
-            self.module = build_module(self.setup, n_obs=len(self.data), dtype=self.dtype, **module_options)
-        except TypeError as err:  # an unknown keyword argument
-            raise TypeError(f"SpaVAE got an unexpected option: {err}") from None
+        self.module = build_module(self.setup, n_obs=len(self.data), dtype=self.dtype, **module_options)
         self.module.to(self.device)
         self.history: pd.DataFrame = pd.DataFrame()
         self.is_trained = False
@@ -391,15 +399,22 @@ class SpaVAE:
         mean, var = self.latent_posterior(mode=mode, batch_size=batch_size, adata=adata)
         scale_by_library = library_size == "observed" and \
             isinstance(self.module.observations[observation], NegativeBinomialObservation)
-        for chunk, start in enumerate(range(0, len(mean), batch_size)):
+        # common random numbers: draw s of every spot is mean + sd * noise[s], so a spot's result depends only on
+        # its own posterior and the seed, not on which other spots are denoised with it or in what order
+        generator = torch.Generator(device=mean.device).manual_seed(seed)
+        noise = torch.randn((n_samples, mean.shape[1]), generator=generator, dtype=mean.dtype, device=mean.device)
+        columns = None if positions is None else torch.as_tensor(positions, device=mean.device)
+        self.module.eval()
+        for start in range(0, len(mean), batch_size):
             rows = slice(start, start + batch_size)
             covariates = None if spots.covariates is None else spots.covariates[rows]
-            out = self.module.decode_posterior(mean[rows], var[rows], covariates=covariates, n_samples=n_samples,
-                                               batch_size=batch_size, seed=seed + chunk, observation=observation)
-            if positions is not None:
-                out = out[:, torch.as_tensor(positions, device=out.device)]
+            batch = Batch(None, None, None, None, covariates)
+            sd = var[rows].clamp_min(0.0).sqrt()
+            out = sum(self.module.denoise(mean[rows] + sd * draw, batch, observation) for draw in noise) / n_samples
+            if columns is not None:
+                out = out[:, columns]
             if scale_by_library:
-                out.mul_(spots.size_factors[rows, None])
+                out = out * spots.size_factors[rows, None]
             yield start, out.cpu().numpy().astype(np.float32, copy=False)
 
     def get_denoised_counts(self, *, n_samples: int = 25, library_size: str = "observed", mode: str = "full",
@@ -423,7 +438,9 @@ class SpaVAE:
             Only these genes (columns in this order): ``n_obs x len(genes)`` in memory. For every gene of a large
             section, stream to disk with :meth:`write_denoised` instead.
         seed
-            Seed of the latent draws (the same seed gives the same result).
+            Seed of the latent draws. The draws are common random numbers (the same standard-normal draws for
+            every spot), so a spot's result depends only on its own posterior and the seed, whatever other spots
+            are denoised with it.
         adata
             Spots to denoise, prepared with the model's fitted setup (default: the model's own spots).
         """
