@@ -163,6 +163,11 @@ class SpaVAE:
         """The spots the model's outputs refer to (those of the AnnData it was built or loaded with)."""
         return self.data.obs_names
 
+    @property
+    def size_factors(self) -> np.ndarray:
+        """Size factor of each of the model's spots (library size / the setup's median; 1 for binarised peaks)."""
+        return self.data.size_factors.cpu().numpy().astype(np.float64)
+
     @classmethod
     def from_variant(cls, variant: str, adata: ad.AnnData, **kwargs) -> SpaVAE:
         """Build one of the original's models as settings of this class (see :data:`VARIANTS`).
@@ -244,6 +249,8 @@ class SpaVAE:
             data and settings) to continue from: training runs until ``max_epochs`` epochs in total.
         """
         self.train_params = {k: v for k, v in locals().items() if k not in ("self", "callbacks", "resume")}
+        if not isinstance(max_epochs, (int, np.integer)) or max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {max_epochs!r}")
         set_seed(self.init_params["seed"])
         controller = (PIController(kl_target * self.module.n_latent, beta_init=beta, beta_min=beta_min, beta_max=beta_max)
                       if dynamic_beta else beta)
@@ -548,7 +555,7 @@ class SpaVAE:
         posterior = self._gp_posterior if self._gp_posterior is not None else self._full_data_posterior()
         payload = {"format": MODEL_FORMAT, "version": spavae.__version__, "state_dict": self.module.state_dict(),
                    "init_params": self.init_params, "setup": self.setup.to_dict(), "gp_posterior": posterior,
-                   "train_params": self.train_params, "history": self.history.to_dict("list"),
+                   "train_params": self.train_params, "history": self.history.to_dict("list"), "n_spots": len(self.data),
                    "is_trained": self.is_trained}
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "layers), latent.csv, domains.png, training.png, model.pt, metrics.json (with "
                                      "the number of domains and how it was chosen) and, when it was chosen by the "
                                      "silhouette, n_domains_selection.csv.")
-    run.add_argument("input", nargs="?", help="spaVAE-layout .h5 (X, pos[, Y, gene, cell]) or .h5ad with raw counts; "
+    run.add_argument("input", nargs="?", help="a Space Ranger Visium or Visium HD folder, a Xenium folder, a SpatialData .zarr, an "
+                                              ".h5ad with raw counts, or a spaVAE-layout .h5 (docs/formats.md); "
                                               "omitted: a simulated 32 x 32 section with 5 planted domains")
     run.add_argument("--out", default="spavae_out", help="output folder")
     run.add_argument("--layer", help=".h5ad only: layer with raw counts (default .X)")
@@ -702,8 +703,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, ImportError, FloatingPointError) as err:
+        message = err.args[0] if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -37,7 +37,14 @@ from sklearn.feature_selection import f_classif
 from sklearn.neighbors import KNeighborsClassifier
 
 import spavae
-from spavae.analysis import cluster_kmeans, predict_latent, refine_labels, score_clustering, visium_array_to_xy
+from spavae.analysis import (
+    choose_n_domains,
+    cluster_kmeans,
+    predict_latent,
+    refine_labels,
+    score_clustering,
+    visium_array_to_xy,
+)
 from spavae.api import SpaVAE
 from spavae.config import ExperimentConfig, load_config
 from spavae.data import filter_empty, normalize_log_scale, read, size_factors
@@ -49,6 +56,8 @@ logger = logging.getLogger("spavae.experiment")
 
 CHECKPOINT_FORMAT = 1
 UNLABELLED = "NA"
+#: Marker genes for the evaluation figure are chosen on at most this many spots (the figure shows every spot).
+MARKER_SAMPLE = 5000
 TB_PARTS = {"loss": "total", "nb": "nb", "kl_gp": "kl_gp", "kl_gauss": "kl_gauss", "noise": "noise"}
 """History columns (``train_``/``val_`` prefixed) written to TensorBoard, with their tag names."""
 
@@ -337,17 +346,19 @@ def evaluate(run_dir: str | os.PathLike, *, log_config: str | os.PathLike | None
         history = pd.read_csv(run.history) if run.history.is_file() else model.history
         latent = model.get_latent_representation()
         truth = adata.obs[LABEL_KEY].astype(str).to_numpy() if LABEL_KEY in adata.obs else None
-        n_domains = ev.n_domains
-        if n_domains is None:
-            if truth is None:
-                raise ValueError("evaluation.n_domains: the data has no labels, so give the number of domains")
-            n_domains = len(set(truth) - {UNLABELLED})
         locations = np.asarray(adata.obsm["spatial"], dtype=np.float64)
         lattice = visium_array_to_xy(locations) if ev.lattice == "visium_array" else locations
+        n_domains, chosen_by = ev.n_domains, "given"
+        if n_domains is None and truth is not None:
+            n_domains, chosen_by = len(set(truth) - {UNLABELLED}), "labels"
+        elif n_domains is None:  # no labels: the silhouette rule of `spavae run`
+            n_domains, _ = choose_n_domains(latent, lattice, seed=config.trainer.seed)
+            chosen_by = "silhouette"
+            logger.info("no labels: chose %d domains by the silhouette of KMeans on the latent", n_domains)
         domains = cluster_kmeans(latent, n_domains, n_init=ev.kmeans_n_init, seed=config.trainer.seed)
         refined = refine_labels(domains, lattice, shape=ev.refine) if ev.refine else domains
         metrics: dict = {"run": str(run.root), "n_spots": adata.n_obs, "n_test": int(test.sum()),
-                         "n_domains": n_domains, "epochs": int(len(history)), "best_epoch": int(len(model.history)),
+                         "n_domains": n_domains, "n_domains_chosen_by": chosen_by, "epochs": int(len(history)), "best_epoch": int(len(model.history)),
                          "train_seconds": round(float(history["seconds"].sum()), 2)}
         if truth is not None:
             metrics["all"] = _scores(truth, domains, refined)
@@ -375,16 +386,16 @@ def evaluate(run_dir: str | os.PathLike, *, log_config: str | os.PathLike | None
             umap(adata, seed=config.trainer.seed)
             plot_embedding(adata.obsm["X_umap"], colours, run.results / "umap.png",
                            title="latent UMAP, coloured by " + ("ground truth" if truth is not None else "domain"))
-        raw = np.asarray(adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X, dtype=np.float64)
-        genes = ev.marker_genes or marker_genes(raw, refined, adata.var_names, ev.n_marker_genes)
-        missing = [g for g in genes if g not in adata.var_names]
+        sample = np.sort(np.random.default_rng(config.trainer.seed).permutation(adata.n_obs)[:MARKER_SAMPLE])
+        genes = ev.marker_genes or marker_genes(model.data.counts.take(sample), refined[sample], model.var_names,
+                                                ev.n_marker_genes)
+        missing = [g for g in genes if g not in model.var_names]
         if missing:
-            raise ValueError(f"evaluation.marker_genes: {missing} are not genes of the data")
-        denoised = model.get_denoised_counts(n_samples=ev.denoise_samples)
-        columns = [adata.var_names.get_loc(g) for g in genes]
-        scale = size_factors(raw)[:, None]
-        plot_marker_genes(lattice, raw[:, columns] / scale, denoised[:, columns] / scale, genes,
-                          run.results / "markers.png")
+            raise ValueError(f"evaluation.marker_genes: {missing} are not genes of the model")
+        scale = model.data.size_factors.cpu().numpy()[:, None]
+        raw = model.data.gene_counts(model.var_names.get_indexer(genes))
+        denoised = model.get_denoised_counts(n_samples=ev.denoise_samples, genes=genes)
+        plot_marker_genes(lattice, raw / scale, denoised / scale, genes, run.results / "markers.png")
         plot_training_curves(history, run.results / "training.png")
         with atomic_path(run.results / "metrics.json") as tmp:
             tmp.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -77,12 +77,12 @@ def test_train_evaluate_resume_through_the_cli(config_file, tmp_path, capsys):
 
     # the best model is a SpaVAE file, trained on the 230 training spots only
     best = torch.load(run / "checkpoint" / "model_best.pth", weights_only=False)
-    assert len(best["obs_names"]) == 230 and best["is_trained"]
+    assert best["n_spots"] == 230 and best["is_trained"]
     history = pd.read_csv(run / "log" / "history.csv")
     assert list(history["epoch"]) == [1, 2, 3, 4]
     assert len(best["history"]["epoch"]) == int(history["val_loss"].idxmin()) + 1
     log = (run / "log" / "train.log").read_text()
-    assert "epoch 4: train_loss" in log and "saved checkpoint-epoch4.pth" in log
+    assert "epoch 4: step 4, train_loss" in log and "saved checkpoint-epoch4.pth" in log
 
     events = scalars(run / "log")
     assert set(TAGS) <= set(events)

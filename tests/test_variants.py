@@ -241,7 +241,7 @@ def test_variant_presets_and_errors(small_adata):
         spavae.SpaVAE.from_variant("spaXVAE", small_adata)
     with pytest.raises(KeyError, match="no 'proteins' with protein counts"):
         spavae.SpaVAE(small_adata, protein_key="proteins")
-    with pytest.raises(ValueError, match="likelihood must be one of"):
+    with pytest.raises(ValueError, match="likelihood must be 'nb' or 'bernoulli', got 'poisson'"):
         spavae.SpaVAE(small_adata, likelihood="poisson")
     with pytest.raises(ValueError, match="single section"):
         one = small_adata.copy()

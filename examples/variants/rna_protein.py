@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import spavae  # noqa: E402
@@ -28,7 +29,7 @@ model.train(max_epochs=args.epochs, progress=False)
 print(score_clustering(adata.obs["ground_truth"], cluster_kmeans(model.get_latent_representation(), 3, n_init=10)))
 mean, _ = model.latent_posterior()
 with torch.no_grad():
-    background = model.module.observations[1].background_probability(mean, model._batch(slice(None))).cpu().numpy()
+    background = model.module.observations[1].background_probability(mean, model.data.batch(np.arange(len(model.data)))).cpu().numpy()
 foreground = adata.obsm["protein_expression_is_foreground"]
 raw = adata.obsm["protein_expression"]
 fig, axes = plt.subplots(1, 2, figsize=(10, 4))

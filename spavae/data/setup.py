@@ -137,7 +137,7 @@ class DataSetup:
             else:
                 scaled = frame.transform(locations[codes == index])
                 sample = np.random.default_rng(seed).permutation(len(scaled))[:100_000]
-                section_points = kmeans_inducing_points(scaled[sample], min(n_points, len(sample)), seed=seed,
+                section_points = kmeans_inducing_points(scaled[sample], n_points, seed=seed,
                                                         n_init=1 if len(sample) > 20_000 else 10)
             if sections is not None:
                 section_points = np.hstack([section_points, np.tile(np.eye(len(sections))[index],

@@ -114,6 +114,14 @@ class SpotData:
         covariates = None if self.covariates is None else self.covariates[on_device]
         return Batch(expression, self.locations[on_device], counts, factors, covariates)
 
+    def gene_counts(self, positions: np.ndarray) -> np.ndarray:
+        """Raw counts of a few model genes (by position) for every spot, ``N x len(positions)``, read in chunks."""
+        positions = np.asarray(positions)
+        out = np.empty((len(self), len(positions)), dtype=np.float32)
+        for start, block in self.counts.chunks():
+            out[start:start + block.shape[0]] = block[:, positions].toarray()
+        return out
+
     def chunks(self, batch_size: int):
         """Consecutive mini-batches over all spots (for encoding and decoding everything in order)."""
         for start in range(0, len(self), batch_size):
