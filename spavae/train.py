@@ -143,9 +143,9 @@ class Trainer:
         self.drop_last = len(self.train_index) > batch_size
         self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
                                            weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau
         try:
-            self.scheduler = (None if lr_scheduler is None
-                              else torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="min", **lr_scheduler))
+            self.scheduler = None if lr_scheduler is None else scheduler(self.optimizer, mode="min", **lr_scheduler)
         except TypeError as err:  # an unknown option, or not a dict
             raise ValueError(f"lr_scheduler must be None or a dict of ReduceLROnPlateau options (factor, patience, "
                              f"min_lr, ...): {err}") from None

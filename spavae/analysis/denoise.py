@@ -41,8 +41,9 @@ def _denoised(model: SpaVAE, *, n_samples: int, average: bool, spots: np.ndarray
         raise ValueError(f"library_size must be one of {LIBRARY_SIZES}, got {library_size!r}")
     positions = None if spots is None else _spot_positions(spots, len(model.data))
     if average:
-        return model.get_denoised_counts(n_samples=n_samples, library_size=library_size, mode=mode,
-                                         batch_size=batch_size, seed=seed)[slice(None) if positions is None else positions]
+        denoised = model.get_denoised_counts(n_samples=n_samples, library_size=library_size, mode=mode,
+                                             batch_size=batch_size, seed=seed)
+        return denoised if positions is None else denoised[positions]
     mean, var = model.latent_posterior(mode=mode, batch_size=batch_size)
     factors, covariates = model.data.size_factors, model.data.covariates
     if positions is not None:

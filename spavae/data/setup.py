@@ -139,6 +139,9 @@ class DataSetup:
                 section_points = grid_inducing_points(inducing_steps, loc_range)
             else:
                 scaled = frame.transform(locations[codes == index])
+                if n_inducing is not None and n_inducing > len(scaled):
+                    raise ValueError(f"n_inducing must be an integer between 1 and the number of spots of each section "
+                                     f"({len(scaled)}), got {n_inducing}")
                 sample = np.random.default_rng(seed).permutation(len(scaled))[:100_000]
                 section_points = kmeans_inducing_points(scaled[sample], min(n_points, len(sample)), seed=seed,
                                                         n_init=1 if len(sample) > 20_000 else 10)
