@@ -24,7 +24,7 @@ from spavae.data.spots import SpotData
 from spavae.likelihoods import NegativeBinomialObservation
 from spavae.model import Batch
 from spavae.train import Trainer, auto_batch_size
-from spavae.utils import atomic_path, resolve_device, resolve_dtype, set_seed
+from spavae.utils import atomic_path, check_number, check_output_file, resolve_device, resolve_dtype, set_seed
 
 logger = logging.getLogger("spavae")
 
@@ -249,8 +249,13 @@ class SpaVAE:
             data and settings) to continue from: training runs until ``max_epochs`` epochs in total.
         """
         self.train_params = {k: v for k, v in locals().items() if k not in ("self", "callbacks", "resume")}
-        if not isinstance(max_epochs, (int, np.integer)) or max_epochs < 1:
-            raise ValueError(f"max_epochs must be >= 1, got {max_epochs!r}")
+        check_number("max_epochs", max_epochs, integer=True, low=1)
+        check_number("beta", beta, low=0, inclusive=False)
+        if dynamic_beta:
+            check_number("beta_min", beta_min, low=0, inclusive=False)
+            check_number("kl_target", kl_target, low=0, inclusive=False)
+        if resume is not None and not (isinstance(resume, dict) and {"module", "split", "state"} <= set(resume)):
+            raise ValueError("resume must be a Trainer.state_dict() (the 'trainer' entry of a checkpoint-epoch*.pth)")
         set_seed(self.init_params["seed"])
         controller = (PIController(kl_target * self.module.n_latent, beta_init=beta, beta_min=beta_min, beta_max=beta_max)
                       if dynamic_beta else beta)
@@ -375,6 +380,8 @@ class SpaVAE:
         if genes is None:
             return None
         genes = [genes] if isinstance(genes, str) else list(genes)
+        if not genes:
+            raise ValueError("genes= is empty; give at least one of the model's genes, or None for all of them")
         positions = self.var_names.get_indexer(genes)
         missing = [g for g, p in zip(genes, positions) if p < 0]
         if missing:
@@ -469,8 +476,9 @@ class SpaVAE:
         path = Path(path)
         if path.suffix != ".h5ad":
             raise ValueError(f"{path}: the denoised layer is written to an .h5ad file; give a path ending in .h5ad")
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        path = check_output_file(path, overwrite=overwrite)
+        if not isinstance(key, str) or not key or "/" in key:
+            raise ValueError(f"key must be a non-empty layer name without '/', got {key!r}")
         spots = self._spots(adata)
         shell = ad.AnnData(obs=pd.DataFrame(index=spots.obs_names.astype(str)),
                            var=pd.DataFrame(index=self.var_names.astype(str)))
@@ -549,9 +557,7 @@ class SpaVAE:
 
         The file is written atomically: a crash leaves any previous file untouched and no partial file.
         """
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        path = check_output_file(path, overwrite=overwrite)
         posterior = self._gp_posterior if self._gp_posterior is not None else self._full_data_posterior()
         payload = {"format": MODEL_FORMAT, "version": spavae.__version__, "state_dict": self.module.state_dict(),
                    "init_params": self.init_params, "setup": self.setup.to_dict(), "gp_posterior": posterior,
@@ -571,14 +577,24 @@ class SpaVAE:
         The file is unpickled (it may hold a custom GPyTorch kernel): load only files you trust.
         """
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; give the model file (e.g. a run's checkpoint/model_best.pth)")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such model file")
         try:
             payload = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:  # noqa: BLE001 - any unpickling failure means "not a model file"
-            raise ValueError(f"{path} is not a readable spavae model file ({type(err).__name__})") from None
+            raise ValueError(f"{path} is not a readable spavae model file ({type(err).__name__}: truncated, damaged "
+                             "or another kind of file); give a file written by SpaVAE.save") from None
+        if isinstance(payload, dict) and "trainer" in payload and "state_dict" not in payload:
+            raise ValueError(f"{path} is a training checkpoint, not a model file; load the run's "
+                             "checkpoint/model_best.pth, or continue training with `spavae resume RUN_DIR`")
         if not isinstance(payload, dict) or "state_dict" not in payload:
-            raise ValueError(f"{path} is not a spavae model file (SpaVAE.save writes one)")
+            raise ValueError(f"{path} is not a spavae model file; give a file written by SpaVAE.save")
+        if isinstance(payload.get("format"), int) and payload["format"] > MODEL_FORMAT:
+            raise ValueError(f"{path} was written by spavae {payload.get('version', '?')} (model format "
+                             f"{payload['format']}), newer than this spavae {spavae.__version__} (format "
+                             f"{MODEL_FORMAT}); upgrade spavae to load it")
         if payload.get("format") != MODEL_FORMAT:
             raise ValueError(f"{path} was written by spavae {payload.get('version', '?')} without the fitted data "
                              f"setup that spavae {spavae.__version__} needs (model format {MODEL_FORMAT}); "

@@ -92,6 +92,11 @@ def build_module(
     for name, value, low in (("n_gp", n_gp, 1), ("n_gauss", n_gauss, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    for name, widths in (("encoder_layers", encoder_layers), ("decoder_layers", decoder_layers),
+                         ("protein_layers", protein_layers)):
+        if isinstance(widths, str) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1
+                                              for w in widths):
+            raise ValueError(f"{name} must be a sequence of integer layer widths >= 1, e.g. (128, 64); got {widths!r}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     n_batch, n_latent = setup.n_sections, n_gp + n_gauss

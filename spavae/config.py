@@ -89,7 +89,7 @@ class BetaConfig:
 
     init: float = _opt(10.0, "initial (or, with dynamic false, fixed) KL weight", _positive)
     dynamic: bool = _opt(True, "steer beta with the PI controller toward kl_target")
-    min: float = _opt(4.0, "lower bound of the controlled beta", _non_negative)
+    min: float = _opt(4.0, "lower bound of the controlled beta", _positive)
     max: float = _opt(25.0, "upper bound of the controlled beta", _positive)
     kl_target: float = _opt(0.025, "target KL per spot and latent dimension (times n_gp + n_gauss)", _positive)
 

@@ -23,6 +23,7 @@ import logging
 import logging.config
 import math
 import os
+import pickle
 import re
 import shutil
 import time
@@ -119,6 +120,22 @@ def _split(adata: ad.AnnData, run: RunFolder) -> tuple[ad.AnnData, np.ndarray]:
 
 
 # ---------------------------------------------------------------------- logging and recording
+def _read_log_config(path: str | os.PathLike | None) -> dict | None:
+    """The JSON logging config at ``path`` (``None`` without one); a one-line error when it cannot be used."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"logging config {path}: no such file (--log-config)")
+    try:
+        spec = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"logging config {path}: not valid JSON ({err})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"logging config {path}: expected a logging.config.dictConfig object")
+    return spec
+
+
 @contextlib.contextmanager
 def run_logging(run: RunFolder, log_config: str | os.PathLike | None = None) -> Iterator[None]:
     """Log to ``log/train.log`` (epoch lines at DEBUG) and to the console (INFO) for the duration of a run.
@@ -126,9 +143,9 @@ def run_logging(run: RunFolder, log_config: str | os.PathLike | None = None) -> 
     With ``log_config``, a JSON :func:`logging.config.dictConfig` file is applied instead; relative
     ``filename`` entries of its handlers are placed in the run's ``log/`` folder.
     """
+    spec = _read_log_config(log_config)
     run.log.mkdir(parents=True, exist_ok=True)
-    if log_config is not None:
-        spec = json.loads(Path(log_config).read_text())
+    if spec is not None:
         for handler in spec.get("handlers", {}).values():
             if "filename" in handler and not Path(handler["filename"]).is_absolute():
                 handler["filename"] = str(run.log / handler["filename"])
@@ -232,6 +249,7 @@ def train(config: ExperimentConfig, *, log_config: str | os.PathLike | None = No
         Run :func:`evaluate` when training ends.
     """
     run = RunFolder(Path(config.save_dir) / config.name)
+    _read_log_config(log_config)  # before the run folder is made
     if run.root.exists() and any(run.root.iterdir()):
         if not overwrite:
             raise FileExistsError(f"run folder {run.root} already exists: continue it with `spavae resume {run.root}`, "
@@ -264,9 +282,10 @@ def latest_checkpoint(run: RunFolder) -> dict:
     for epoch, path in reversed(found):
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
-        except (RuntimeError, EOFError, OSError) as err:  # only possible if the file was damaged outside spavae
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:  # a file damaged outside spavae
             logger.warning("could not read %s (%s); trying an older checkpoint", path.name, err)
-    raise FileNotFoundError(f"no readable checkpoint in {run.checkpoint}")
+    raise FileNotFoundError(f"no readable checkpoint in {run.checkpoint}: start the run again with "
+                            f"`spavae train -c {run.config} --overwrite`")
 
 
 def resume(run_dir: str | os.PathLike, *, log_config: str | os.PathLike | None = None,

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from spavae.beta import PIController
 from spavae.model import SpaVAEModule
+from spavae.utils import check_number
 
 if TYPE_CHECKING:
     from spavae.data.spots import SpotData
@@ -124,12 +125,11 @@ class Trainer:
             batch_size = auto_batch_size(len(data))
         if not isinstance(batch_size, int) or batch_size < 2:
             raise ValueError(f"batch_size must be an integer >= 2 or 'auto', got {batch_size!r}")
-        if patience < 1:
-            raise ValueError(f"patience must be >= 1, got {patience}")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if lr <= 0 or weight_decay < 0 or noise < 0:
-            raise ValueError(f"need lr > 0, weight_decay >= 0 and noise >= 0 (got {lr}, {weight_decay}, {noise})")
+        check_number("patience", patience, integer=True, low=1)
+        check_number("num_samples", num_samples, integer=True, low=1)
+        check_number("lr", lr, low=0, inclusive=False)
+        check_number("weight_decay", weight_decay, low=0)
+        check_number("noise", noise, low=0)
         if max_steps == "auto":
             max_steps = AUTO_MAX_STEPS
         if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
@@ -143,8 +143,12 @@ class Trainer:
         self.drop_last = len(self.train_index) > batch_size
         self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
                                            weight_decay=weight_decay)
-        self.scheduler = (None if lr_scheduler is None
-                          else torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="min", **lr_scheduler))
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau
+        try:
+            self.scheduler = None if lr_scheduler is None else scheduler(self.optimizer, mode="min", **lr_scheduler)
+        except TypeError as err:  # an unknown option, or not a dict
+            raise ValueError(f"lr_scheduler must be None or a dict of ReduceLROnPlateau options (factor, patience, "
+                             f"min_lr, ...): {err}") from None
         self.callbacks = list(callbacks)
         self.state = TrainingState()
 
@@ -234,8 +238,7 @@ class Trainer:
         (or, without validation, the last good) weights are restored and a warning explains what happened and
         what to try. Only finite epochs enter the history.
         """
-        if max_epochs < 1:
-            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
+        check_number("max_epochs", max_epochs, integer=True, low=1)
         state = self.state
         has_validation = self.has_validation
         bar = tqdm(range(max_epochs), desc="spavae", disable=not progress, unit="epoch", leave=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import tempfile
@@ -25,11 +26,27 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_number(name: str, value, *, integer: bool = False, low: float | None = None,
+                 inclusive: bool = True) -> None:
+    """Raise a one-line ValueError unless ``value`` is a finite real number (an integer with ``integer``, never a
+    bool) that is at least (``inclusive``) or above ``low``."""
+    kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+    valid = isinstance(value, kinds) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+    if valid and low is not None:
+        valid = value >= low if inclusive else value > low
+    if not valid:
+        bound = "" if low is None else f" {'>=' if inclusive else '>'} {low}"
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'}{bound}, got {value!r}")
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``'auto'`` picks CUDA when available, else the CPU; anything else is checked and returned."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:<index>'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but CUDA is not available; use device='cpu' or 'auto'")
     return device
@@ -44,15 +61,35 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
 
 
+def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
+    """``path`` as a Path, after checking that a file may be written there: it must not be a folder, nor an existing
+    file unless ``overwrite`` (FileExistsError)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a file; give the path of the file to write (inside it or elsewhere)")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    return path
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to ``path`` and move it into place only if the block succeeds.
 
-    A crash or interrupt leaves any previous file at ``path`` untouched and no half-written file behind.
+    A crash or interrupt leaves any previous file at ``path`` untouched and no half-written file behind. A missing
+    folder is created; a ``path`` that is a folder, a folder that is a file and a folder without write permission
+    are one-line errors (ValueError, PermissionError) raised before anything is written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    path = check_output_file(path, overwrite=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    except PermissionError:
+        raise PermissionError(f"cannot write {path}: no permission to write in {path.parent}; choose a writable "
+                              "output folder") from None
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"cannot write {path}: a part of {path.parent} is a file, not a folder; choose another "
+                         "output path") from None
     os.close(handle)
     umask = os.umask(0)
     os.umask(umask)

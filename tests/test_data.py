@@ -159,10 +159,10 @@ def test_bad_model_settings_are_named(small_adata, kwargs, message):
 @pytest.mark.parametrize("kwargs,message", [
     ({"batch_size": 1}, "batch_size must be an integer >= 2"),
     ({"train_size": 0.0}, "train_size must be in"),
-    ({"patience": 0}, "patience must be >= 1"),
-    ({"max_epochs": 0}, "max_epochs must be >= 1"),
-    ({"lr": -1.0}, "need lr > 0"),
-    ({"num_samples": 0}, "num_samples must be >= 1"),
+    ({"patience": 0}, "patience must be an integer >= 1"),
+    ({"max_epochs": 0}, "max_epochs must be an integer >= 1"),
+    ({"lr": -1.0}, "lr must be a finite number > 0"),
+    ({"num_samples": 0}, "num_samples must be an integer >= 1"),
     ({"beta_min": 30.0}, r"beta_min \(30.0\) must not exceed beta_max \(25.0\)"),
 ])
 def test_bad_training_settings_are_named(small_adata, kwargs, message):

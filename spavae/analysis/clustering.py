@@ -15,8 +15,10 @@ def cluster_kmeans(latent: np.ndarray, n_clusters: int, *, n_init: int = 100, se
     latent = np.asarray(latent)
     if not np.isfinite(latent).all():
         raise ValueError("the latent embedding contains NaN/inf values; the model did not train properly")
-    if not 1 <= n_clusters <= len(latent):
-        raise ValueError(f"n_clusters must be between 1 and the number of spots, got {n_clusters}")
+    if not isinstance(n_clusters, (int, np.integer)) or isinstance(n_clusters, bool) \
+            or not 1 <= n_clusters <= len(latent):
+        raise ValueError(f"the number of clusters must be an integer between 1 and the number of spots "
+                         f"({len(latent)}), got {n_clusters!r}")
     return KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit_predict(latent)
 
 
@@ -41,8 +43,11 @@ def refine_labels(labels: np.ndarray, locations: np.ndarray, *, shape: str = "he
     if shape not in NEIGHBOURS:
         raise ValueError(f"shape must be one of {sorted(NEIGHBOURS)}, got {shape!r}")
     labels = np.asarray(labels)
+    locations = np.asarray(locations, dtype=np.float64)
+    if locations.ndim != 2 or locations.shape[1] != 2 or len(locations) != len(labels):
+        raise ValueError(f"locations must be one x, y pair per label ({len(labels)} x 2), got shape {locations.shape}")
     n_nb = NEIGHBOURS[shape]
-    _, neighbours = cKDTree(np.asarray(locations, dtype=np.float64)).query(locations, k=n_nb + 1)
+    _, neighbours = cKDTree(locations).query(locations, k=min(n_nb + 1, len(locations)))
     refined = labels.copy()
     for i, row in enumerate(neighbours):
         values, counts = np.unique(labels[row], return_counts=True)

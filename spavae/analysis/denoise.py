@@ -23,18 +23,31 @@ if TYPE_CHECKING:
 LIBRARY_SIZES = ("observed", "normalized")
 
 
+def _spot_positions(spots, n_spots: int) -> np.ndarray:
+    """Positions selected by ``spots`` (integer positions or a boolean mask over the model's spots), checked."""
+    spots = np.asarray(spots)
+    positions = np.flatnonzero(spots) if spots.dtype == bool and spots.shape == (n_spots,) else spots
+    if positions.ndim != 1 or positions.dtype.kind not in "iu" or len(positions) == 0 \
+            or positions.min() < 0 or positions.max() >= n_spots:
+        raise ValueError(f"spots must be a boolean mask of length {n_spots} or integer positions in [0, {n_spots}), "
+                         f"selecting at least one spot; got a {spots.dtype} array of shape {spots.shape}")
+    return positions
+
+
 def _denoised(model: SpaVAE, *, n_samples: int, average: bool, spots: np.ndarray | None, library_size: str,
               mode: str, batch_size: int | None, seed: int) -> np.ndarray:
     check_trained(model)
     if library_size not in LIBRARY_SIZES:
         raise ValueError(f"library_size must be one of {LIBRARY_SIZES}, got {library_size!r}")
+    positions = None if spots is None else _spot_positions(spots, len(model.data))
     if average:
-        return model.get_denoised_counts(n_samples=n_samples, library_size=library_size, mode=mode,
-                                         batch_size=batch_size, seed=seed)[spots if spots is not None else slice(None)]
+        denoised = model.get_denoised_counts(n_samples=n_samples, library_size=library_size, mode=mode,
+                                             batch_size=batch_size, seed=seed)
+        return denoised if positions is None else denoised[positions]
     mean, var = model.latent_posterior(mode=mode, batch_size=batch_size)
     factors, covariates = model.data.size_factors, model.data.covariates
-    if spots is not None:
-        index = torch.as_tensor(np.arange(len(mean))[np.asarray(spots)], device=mean.device)
+    if positions is not None:
+        index = torch.as_tensor(positions, device=mean.device)
         mean, var, factors = mean[index], var[index], factors[index]
         covariates = None if covariates is None else covariates[index]
     out = model.module.decode_posterior(mean, var, covariates=covariates, n_samples=n_samples, average=False,

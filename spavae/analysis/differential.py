@@ -28,6 +28,7 @@ from sklearn.mixture import GaussianMixture
 
 from spavae.analysis._common import check_same_spots
 from spavae.train import auto_batch_size
+from spavae.utils import check_number
 
 if TYPE_CHECKING:
     from spavae.api import SpaVAE
@@ -140,8 +141,7 @@ def differential_expression(adata: ad.AnnData, model: SpaVAE, *, groupby: str, g
     check_same_spots(adata, model)
     if groupby not in adata.obs:
         raise KeyError(f"adata.obs has no column '{groupby}'; columns: {list(adata.obs.columns)}")
-    if n_draws < 1:
-        raise ValueError(f"n_draws must be >= 1, got {n_draws}")
+    check_number("n_draws", n_draws, integer=True, low=1)
     mask1, mask2 = group_masks(adata.obs[groupby], group1, group2, unlabeled=unlabeled)
     raw_mean1, raw_mean2 = normalized_group_means(model, (mask1, mask2))
     mean, var = model.latent_posterior(mode=mode, batch_size=batch_size)

@@ -22,14 +22,19 @@ import torch
 from scipy.spatial import cKDTree
 
 from spavae.analysis._common import check_trained
-from spavae.train import auto_batch_size
 
 if TYPE_CHECKING:
     from spavae.api import SpaVAE
 
 
 def _check_locations(locations: np.ndarray) -> np.ndarray:
-    locations = np.asarray(locations, dtype=np.float64)
+    raw = np.asarray(locations)
+    try:
+        if raw.dtype.kind not in "iufO":  # bool, complex and text are not coordinates
+            raise TypeError
+        locations = raw.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"locations must be real numbers, got dtype {raw.dtype}") from None
     if locations.ndim != 2 or locations.shape[1] != 2 or len(locations) == 0:
         raise ValueError(f"locations must be a non-empty n x 2 array, got shape {locations.shape}")
     if not np.isfinite(locations).all():
@@ -84,7 +89,7 @@ def predict_latent(model: SpaVAE, locations: np.ndarray, *, sections=None, scale
     if codes is not None and len(codes) != len(locations):
         raise ValueError(f"{len(codes)} section labels for {len(locations)} locations")
     query = locations if scaled else setup.scale_locations(locations, codes)
-    batch_size = batch_size or auto_batch_size(len(model.data))
+    batch_size = model._batch_size(batch_size, model.data)
     omega, phi2 = model.encode_all(batch_size)
     nearest = _nearest_spots(model, query, codes)
     gp_dtype = module.gp_dtype
@@ -144,7 +149,7 @@ def predict(model: SpaVAE, locations: np.ndarray, *, sections=None, scaled: bool
     covariates = None if codes is None else \
         torch.as_tensor(np.eye(setup.n_sections)[codes], dtype=mean.dtype, device=mean.device)
     expression = model.module.decode_posterior(mean, var, covariates=covariates, n_samples=n_samples,
-                                               batch_size=batch_size or auto_batch_size(len(model.data)), seed=seed)
+                                               batch_size=model._batch_size(batch_size, model.data), seed=seed)
     scaled_locations = locations if scaled else setup.scale_locations(locations, codes)
     raw_locations = setup.unscale_locations(scaled_locations, codes) if scaled else locations
     obs = pd.DataFrame({"nearest_spot": pd.Categorical(np.asarray(model.obs_names)[nearest])}, index=names)

@@ -24,10 +24,16 @@ def count_matrix(adata: ad.AnnData, layer: str | None):
     if layer is not None:
         if layer not in adata.layers:
             raise KeyError(f"adata has no layer '{layer}' (layer=); layers present: {list(adata.layers.keys())}")
-        return adata.layers[layer]
-    if adata.X is None:
+        matrix, where = adata.layers[layer], f"adata.layers['{layer}']"
+    elif adata.X is None:
         raise ValueError("adata.X is empty; pass layer= to name the layer with the raw counts")
-    return adata.X
+    else:
+        matrix, where = adata.X, "adata.X"
+    dtype = np.dtype(matrix.dtype if hasattr(matrix, "dtype") else np.asarray(matrix).dtype)
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise ValueError(f"{where}: counts must be real numbers, got dtype {dtype}; convert them first, e.g. "
+                         f"{where} = {where}.astype(np.float32) for numbers stored as text or bool")
+    return matrix
 
 
 def as_csr(block) -> sp.csr_matrix:

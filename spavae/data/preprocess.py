@@ -38,7 +38,8 @@ def check_count_block(counts, *, where: str = "counts", integer: bool = True, fi
     """
     values = counts.data if sp.issparse(counts) else np.asarray(counts)
     if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
-        raise ValueError(f"{where}: counts must be real numbers, got dtype {values.dtype}")
+        raise ValueError(f"{where}: counts must be real numbers, got dtype {values.dtype}; convert them first, "
+                         "e.g. with .astype(np.float32) for numbers stored as text or bool")
     n_bad = int(np.size(values) - np.isfinite(values).sum())
     if n_bad:
         raise ValueError(f"{where}: {n_bad} count value(s) are NaN or infinite; spavae needs raw counts. "
@@ -69,8 +70,11 @@ def check_counts(counts, *, where: str = "counts", integer: bool = True) -> None
 
 
 def check_locations(locations: np.ndarray, n_spots: int, *, where: str = "locations") -> None:
-    """Raise a clear error unless ``locations`` is a finite ``n_spots x 2`` array."""
+    """Raise a clear error unless ``locations`` is a finite ``n_spots x 2`` array of real numbers."""
     locations = np.asarray(locations)
+    if not np.issubdtype(locations.dtype, np.number) or np.issubdtype(locations.dtype, np.complexfloating):
+        raise ValueError(f"{where}: locations must be real numbers, got dtype {locations.dtype}; convert them "
+                         "first, e.g. with .astype(float)")
     if locations.ndim != 2 or locations.shape[1] != 2:
         raise ValueError(f"{where}: locations must be a spots x 2 array, got shape {locations.shape}")
     if locations.shape[0] != n_spots:

@@ -25,6 +25,14 @@ def _decode(values: np.ndarray) -> np.ndarray:
     return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
 
 
+def _real_array(dataset, where: str, what: str) -> np.ndarray:
+    """An HDF5 dataset of real numbers as float64; a one-line error for text, bool, complex or compound data."""
+    if not isinstance(dataset, h5py.Dataset) or dataset.dtype.kind not in "iuf":
+        kind = "a group" if not isinstance(dataset, h5py.Dataset) else f"dtype {dataset.dtype}"
+        raise ValueError(f"{where}: the {what} must be an array of real numbers, got {kind}")
+    return np.asarray(dataset[()], dtype=np.float64)
+
+
 def read_spavae_h5(
     path: str | os.PathLike,
     *,
@@ -64,8 +72,8 @@ def read_spavae_h5(
                 f"{path} has no dataset {missing}; the spaVAE layout needs '{counts_key}' (spots x genes raw "
                 f"counts) and '{spatial_key}' (spots x 2 locations). Datasets present: {sorted(h5.keys())}"
             )
-        counts = np.asarray(h5[counts_key][()], dtype=np.float64)
-        locations = np.asarray(h5[spatial_key][()], dtype=np.float64)
+        counts = _real_array(h5[counts_key], f"{path}:{counts_key}", "counts")
+        locations = _real_array(h5[spatial_key], f"{path}:{spatial_key}", "locations")
         genes = _decode(h5["gene"][()]) if "gene" in h5 else None
         cells = _decode(h5["cell"][()]) if "cell" in h5 else None
         labels = _decode(h5[label_key][()]) if label_key and label_key in h5 else None
@@ -81,10 +89,11 @@ def read_spavae_h5(
         if len(labels) != n_spots:
             raise ValueError(f"{path}: '{label_key}' has {len(labels)} labels for {n_spots} spots")
         obs[LABEL_KEY] = pd.Categorical(labels)
-    obs_names_unique = obs.index.is_unique
     adata = ad.AnnData(X=counts.astype(np.float32), obs=obs, var=var)
-    if not obs_names_unique:
+    if not obs.index.is_unique:
         adata.obs_names_make_unique()
+    if not var.index.is_unique:
+        adata.var_names_make_unique()
     adata.obsm["spatial"] = locations
     adata.uns["spavae_source"] = {"path": str(path), "format": "spavae-h5"}
     return adata
@@ -113,7 +122,11 @@ def read_h5ad(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    adata = ad.read_h5ad(path)
+    try:
+        adata = ad.read_h5ad(path)
+    except OSError as err:
+        raise ValueError(f"{path} is not a readable .h5ad file (truncated, damaged or another format): "
+                         f"{str(err).splitlines()[0]}") from None
     if layer is not None:
         if layer not in adata.layers:
             raise KeyError(f"{path} has no layer '{layer}'; layers present: {list(adata.layers.keys())}")

@@ -27,6 +27,7 @@ import pandas as pd
 from spavae.data.counts import CountRows, count_matrix, row_chunks
 from spavae.data.inducing import grid_inducing_points, kmeans_inducing_points
 from spavae.data.preprocess import LocationScaler, check_count_block, check_locations
+from spavae.utils import check_number
 
 logger = logging.getLogger("spavae")
 
@@ -126,6 +127,8 @@ class DataSetup:
         sections = _section_names(adata, batch_key)
         locations = spot_locations(adata, spatial_key)
         frames, points = [], []
+        if n_inducing is not None:
+            check_number("n_inducing", n_inducing, integer=True, low=1)
         method, n_points = auto_inducing(adata.n_obs) if inducing == "auto" else (inducing, n_inducing or 49)
         codes = np.zeros(adata.n_obs, dtype=int) if sections is None else \
             pd.Categorical(adata.obs[batch_key].astype(str), categories=sections).codes
@@ -136,6 +139,9 @@ class DataSetup:
                 section_points = grid_inducing_points(inducing_steps, loc_range)
             else:
                 scaled = frame.transform(locations[codes == index])
+                if n_inducing is not None and n_inducing > len(scaled):
+                    raise ValueError(f"n_inducing must be an integer between 1 and the number of spots of each section "
+                                     f"({len(scaled)}), got {n_inducing}")
                 sample = np.random.default_rng(seed).permutation(len(scaled))[:100_000]
                 section_points = kmeans_inducing_points(scaled[sample], n_points, seed=seed,
                                                         n_init=1 if len(sample) > 20_000 else 10)
@@ -154,6 +160,9 @@ class DataSetup:
 
     @staticmethod
     def _select_genes(matrix, var_names: pd.Index, n_top_genes, binarize: bool, where: str):
+        if not (n_top_genes is None or n_top_genes == "auto" or isinstance(n_top_genes, (int, np.integer))) \
+                or isinstance(n_top_genes, bool):
+            raise ValueError(f"n_top_genes must be an integer >= {MIN_GENES}, 'auto' or None, got {n_top_genes!r}")
         if n_top_genes == "auto":
             n_top_genes = AUTO_TOP_GENES if len(var_names) > AUTO_GENES_THRESHOLD and not binarize else None
         if n_top_genes is None or n_top_genes >= len(var_names):
@@ -200,6 +209,8 @@ class DataSetup:
     def section_codes(self, labels) -> np.ndarray | None:
         """Section index of each spot from its section labels (``None`` for a single-section model)."""
         if self.sections is None:
+            if labels is not None:
+                raise ValueError("this model was fitted on a single section; give no section labels (sections=None)")
             return None
         if labels is None:
             raise ValueError(f"this model was fitted on {self.n_sections} sections ({self.batch_key}); give the "
@@ -313,11 +324,8 @@ def spot_locations(adata: ad.AnnData, spatial_key: str) -> np.ndarray:
                        f"keys: {list(adata.obsm.keys())}")
     values = adata.obsm[spatial_key]
     values = values.to_numpy() if isinstance(values, pd.DataFrame) else np.asarray(values)
-    if not np.issubdtype(values.dtype, np.number):
-        raise ValueError(f"obsm['{spatial_key}'] must hold numbers, got dtype {values.dtype}")
-    locations = values.astype(np.float64)
-    check_locations(locations, adata.n_obs, where=f"obsm['{spatial_key}']")
-    return locations
+    check_locations(values, adata.n_obs, where=f"obsm['{spatial_key}']")
+    return values.astype(np.float64)
 
 
 def protein_matrix(adata: ad.AnnData, protein_key: str | None) -> np.ndarray | None:

@@ -45,10 +45,10 @@ class SpotData:
             raise ValueError("adata has duplicated spot names; make them unique first (adata.obs_names_make_unique())")
         self.counts = CountRows.from_anndata(adata, setup.layer, setup.gene_columns(adata))
         totals = self._library_sizes()
-        codes = setup.section_codes(adata.obs[setup.batch_key] if setup.batch_key in adata.obs else None) \
-            if setup.batch_key is not None else None
         if setup.batch_key is not None and setup.batch_key not in adata.obs:
-            raise KeyError(f"adata.obs has no column '{setup.batch_key}' with the section of each spot")
+            raise KeyError(f"adata.obs has no column '{setup.batch_key}' with the section of each spot (the model "
+                           f"was fitted on the sections {setup.sections})")
+        codes = setup.section_codes(adata.obs[setup.batch_key]) if setup.batch_key is not None else None
         self.section_codes = codes
         self.scaled_locations = setup.scale_locations(spot_locations(adata, setup.spatial_key), codes)
         self.locations = torch.as_tensor(setup.gp_inputs(self.scaled_locations, codes), dtype=gp_dtype, device=device)
