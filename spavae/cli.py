@@ -415,9 +415,13 @@ def latent_columns(model: spavae.SpaVAE) -> list[str]:
 
 def run_command(args: argparse.Namespace) -> dict:
     """The ``run`` command; returns the metrics it writes to ``metrics.json``."""
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the outputs")
     out.mkdir(parents=True, exist_ok=True)
     if args.input is None:
         adata = simulate_spatial_counts(seed=args.seed)
@@ -428,6 +432,8 @@ def run_command(args: argparse.Namespace) -> dict:
         adata = read(args.input, **{k: v for k, v in kwargs.items() if v is not None})
         source = str(args.input)
     adata = filter_empty(adata)
+    if isinstance(args.n_domains, int) and not args.n_domains < adata.n_obs:
+        raise ValueError(f"--n-domains must be below the number of spots ({adata.n_obs}), got {args.n_domains}")
     truth = adata.obs[LABEL_KEY] if LABEL_KEY in adata.obs else None
     print(f"spavae {spavae.__version__}: {adata.n_obs} spots x {adata.n_vars} genes from {source}", flush=True)
     start = time.perf_counter()

@@ -249,8 +249,10 @@ def find_domains(adata: ad.AnnData, n_domains: int | str, *, method: str = "kmea
         raise ValueError(f"refine must be None or one of {sorted(NEIGHBOURS)}, got {refine!r}")
     if truth_key is not None and truth_key not in adata.obs:
         raise KeyError(f"adata.obs has no column '{truth_key}'; columns: {list(adata.obs.columns)}")
-    if n_domains != "auto" and not isinstance(n_domains, (int, np.integer)):
-        raise ValueError(f"n_domains must be a number of domains or 'auto', got {n_domains!r}")
+    if n_domains != "auto" and (not isinstance(n_domains, (int, np.integer)) or isinstance(n_domains, bool)
+                                or not 1 <= n_domains < adata.n_obs):
+        raise ValueError(f"n_domains must be 'auto' or an integer from 1 to the number of spots - 1 "
+                         f"({adata.n_obs - 1}), got {n_domains!r}")
     latent = obsm_array(adata, use_rep, hint="the latent; write it with model.write_results(adata)")
     adata = adata.copy() if copy else adata
     info: dict = {"params": {"n_domains": n_domains, "method": method, "use_rep": use_rep, "refine": refine,
