@@ -47,6 +47,9 @@ autoclass_content = "class"
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = False
+# The package writes ``Returns`` as free text (no type line, which is in the annotation): render it as a paragraph
+# under a "Returns" heading instead of napoleon's one-entry-per-line list.
+napoleon_custom_sections = ["Returns"]
 
 # MyST and notebook execution.
 myst_enable_extensions = ["colon_fence", "dollarmath"]
@@ -69,3 +72,4 @@ html_title = f"spavae {release}"
 html_static_path = ["_static"]
 html_css_files = ["custom.css"]
 html_theme_options = {"light_css_variables": {"color-brand-primary": "#1f5fa8", "color-brand-content": "#1f5fa8"}}
+
