@@ -75,4 +75,3 @@ html_title = f"spavae {release}"
 html_static_path = ["_static"]
 html_css_files = ["custom.css"]
 html_theme_options = {"light_css_variables": {"color-brand-primary": "#1f5fa8", "color-brand-content": "#1f5fa8"}}
-
