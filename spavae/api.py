@@ -218,8 +218,8 @@ class SpaVAE:
             :data:`~spavae.train.MAX_STEPS_PER_EPOCH` steps on a fresh random sample of them for large sections,
             so that validation, early stopping and the history keep their rhythm whatever the number of spots.
         max_steps
-            Budget of optimisation steps; ``'auto'`` is :data:`~spavae.train.AUTO_MAX_STEPS` (10,000: it binds only
-            above about 13,000 spots, where it caps the training time) and ``None`` means no budget.
+            Budget of optimisation steps; ``'auto'`` is :data:`~spavae.train.AUTO_MAX_STEPS` (5,000: it binds only
+            above about 6,500 spots, where it caps the training time) and ``None`` means no budget.
         lr, weight_decay
             AdamW settings.
         batch_size

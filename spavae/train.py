@@ -35,9 +35,11 @@ MAX_STEPS_PER_EPOCH = 100
 #: At most this many spots are held out for validation: the validation loss of 4,096 spots is precise to well
 #: under the improvements early stopping looks for, and checking it costs at most 8 batches.
 MAX_VALIDATION = 4096
-#: The default step budget (``max_steps='auto'``): about 7 minutes on 2 CPU cores at batch 512; 400 epochs of a
-#: section of up to about 13,000 spots stay under it, so only large sections are capped.
-AUTO_MAX_STEPS = 10_000
+#: The default step budget (``max_steps='auto'``): 5,000 steps is 1.8 times a whole 400-epoch run on a Visium
+#: DLPFC section (2,800 steps, where the domains have long settled), and about 8 minutes at batch 512 and 2,000
+#: genes on 2 CPU cores. 400 epochs of a section of up to about 6,500 spots stay under it, so only large
+#: sections are capped.
+AUTO_MAX_STEPS = 5_000
 
 
 def auto_batch_size(n_spots: int) -> int:
