@@ -87,7 +87,7 @@ class SpaVAE:
     inducing, inducing_steps, n_inducing
         ``'grid'``: ``(inducing_steps + 1)**2`` points (steps 6 = 49 points); ``'kmeans'``: ``n_inducing``
         centroids of the scaled locations; ``'auto'``: the grid up to 20,000 spots, else ``n_spots / 500``
-        k-means centroids (49 to 400) that follow the tissue (:func:`spavae.data.setup.auto_inducing`).
+        k-means centroids (49 to 300) that follow the tissue (:func:`spavae.data.setup.auto_inducing`).
     gp_n_obs
         ``N`` in the ``N/b`` rescaling: ``'all'`` spots (the original) or only the ``'train'`` split.
     dtype

@@ -158,7 +158,7 @@ def test_step_budget_epoch_cap_and_validation_cap(monkeypatch):
 def test_auto_inducing_rule_and_points_follow_the_tissue():
     assert auto_inducing(4_000) == ("grid", 49)
     assert auto_inducing(100_000) == ("kmeans", 200)
-    assert auto_inducing(5_000_000) == ("kmeans", 400)
+    assert auto_inducing(5_000_000) == ("kmeans", 300)
     rng = np.random.default_rng(0)
     points = rng.uniform(0, 1, (3_000, 2))
     points = points[(points[:, 0] < 0.3) | (points[:, 1] < 0.3)]  # an L-shaped tissue

@@ -49,12 +49,14 @@ GRID_MAX_SPOTS = 20_000
 def auto_inducing(n_spots: int) -> tuple[str, int]:
     """The inducing rule of ``inducing='auto'``: ``('grid', 49)`` up to 20,000 spots, else k-means centroids.
 
-    The k-means count is ``n_spots / 500`` clipped to ``[49, 400]``: each inducing point is supported by about
-    500 spots, and the cap keeps the ``O(b p^2 + p^3)`` GP cost of a step below the networks' cost at b = 512.
+    The k-means count is ``n_spots / 500`` clipped to ``[49, 300]``: each inducing point is supported by about
+    500 spots, and the cap keeps the ``O(b p^2 + p^3)`` GP part of a step below the networks' part (measured with
+    ``benchmarks/scale.py --gp-cost`` on 2 CPU threads at b = 512: 0.07 s for p = 300, 0.12 s for p = 400, against
+    about 0.09 s for the networks and the likelihood of 2,000 genes).
     """
     if n_spots <= GRID_MAX_SPOTS:
         return "grid", 49
-    return "kmeans", int(np.clip(n_spots // 500, 49, 400))
+    return "kmeans", int(np.clip(n_spots // 500, 49, 300))
 
 
 def _unique_names(names: pd.Index, what: str, fix: str) -> None:
