@@ -50,9 +50,9 @@ def auto_inducing(n_spots: int) -> tuple[str, int]:
     """The inducing rule of ``inducing='auto'``: ``('grid', 49)`` up to 20,000 spots, else k-means centroids.
 
     The k-means count is ``n_spots / 500`` clipped to ``[49, 300]``: each inducing point is supported by about
-    500 spots, and the cap keeps the ``O(b p^2 + p^3)`` GP part of a step below the networks' part (measured with
-    ``benchmarks/scale.py --gp-cost`` on 2 CPU threads at b = 512: 0.07 s for p = 300, 0.12 s for p = 400, against
-    about 0.09 s for the networks and the likelihood of 2,000 genes).
+    500 spots, and the cap keeps the ``O(b p^2 + p^3)`` GP part of a step below the networks' part
+    (``benchmarks/scale.py --gp-cost``, 2 CPU threads, b = 512: 0.12 s measured for p = 400 and 0.07 s predicted by
+    the fitted cost model for p = 300, against about 0.09 s for the networks and likelihood of 2,000 genes).
     """
     if n_spots <= GRID_MAX_SPOTS:
         return "grid", 49
