@@ -28,7 +28,6 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from scipy.spatial import cKDTree
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 from sklearn.neighbors import KNeighborsClassifier

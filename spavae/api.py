@@ -6,7 +6,6 @@ import importlib.metadata
 import inspect
 import logging
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 

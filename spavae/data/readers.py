@@ -33,6 +33,16 @@ def _real_array(dataset, where: str, what: str) -> np.ndarray:
     return np.asarray(dataset[()], dtype=np.float64)
 
 
+def open_hdf5(path: Path) -> h5py.File:
+    """Open an HDF5 file for reading, with one-line errors for a missing or unreadable file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{path} is not a readable HDF5 file ({err})") from err
+
+
 def read_spavae_h5(
     path: str | os.PathLike,
     *,
@@ -59,13 +69,7 @@ def read_spavae_h5(
     present, in ``obs['ground_truth']``.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(f"{path} is not a readable HDF5 file ({err})") from err
-    with handle as h5:
+    with open_hdf5(path) as h5:
         missing = [k for k in (counts_key, spatial_key) if k not in h5]
         if missing:
             raise KeyError(

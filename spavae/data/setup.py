@@ -24,7 +24,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from spavae.data.counts import CountRows, count_matrix, row_chunks
+from spavae.data.counts import count_matrix, row_chunks
 from spavae.data.inducing import grid_inducing_points, kmeans_inducing_points
 from spavae.data.preprocess import LocationScaler, check_count_block, check_locations
 from spavae.utils import check_number

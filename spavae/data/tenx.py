@@ -18,13 +18,12 @@ import warnings
 from pathlib import Path
 
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from spavae.data.preprocess import check_locations
-from spavae.data.readers import _decode
+from spavae.data.readers import _decode, open_hdf5
 
 GENE_EXPRESSION = "Gene Expression"
 MATRIX_FILE = "filtered_feature_bc_matrix.h5"
@@ -38,13 +37,7 @@ IO_EXTRA_HINT = "pip install spavae[io]"
 
 def _read_matrix(path: Path) -> tuple[ad.AnnData, dict]:
     """The 10x HDF5 matrix as (AnnData with every feature, file attributes)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(f"{path} is not a readable HDF5 file ({err})") from err
-    with handle as h5:
+    with open_hdf5(path) as h5:
         if "matrix" not in h5:
             raise ValueError(
                 f"{path} has no 'matrix' group: it is not a 10x feature-barcode matrix of Cell Ranger/Space Ranger "
