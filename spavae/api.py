@@ -406,28 +406,43 @@ class SpaVAE:
             raise ValueError(f"modality must be 'genes' or, for a model with proteins, 'proteins'; got {modality!r}")
         if genes is not None and modality != "genes":
             raise ValueError("genes= selects model genes; it cannot be used with modality='proteins'")
-        positions = self._gene_positions(genes)
+        self._gene_positions(genes)  # unknown genes fail before any work
         spots = self._spots(adata)
         batch_size = self._batch_size(batch_size, spots)
         mean, var = self.latent_posterior(mode=mode, batch_size=batch_size, adata=adata)
         scale_by_library = library_size == "observed" and \
             isinstance(self.module.observations[observation], NegativeBinomialObservation)
-        # common random numbers: draw s of every spot is mean + sd * noise[s], so a spot's result depends only on
-        # its own posterior and the seed, not on which other spots are denoised with it or in what order
+        for start, block in self.decode_latent(mean, var, covariates=spots.covariates, n_samples=n_samples,
+                                               genes=genes, seed=seed, batch_size=batch_size,
+                                               observation=observation):
+            if scale_by_library:
+                block *= spots.size_factors[start:start + len(block)].cpu().numpy()[:, None]
+            yield start, block
+
+    @torch.no_grad()
+    def decode_latent(self, mean: torch.Tensor, var: torch.Tensor, *, covariates: torch.Tensor | None = None,
+                      n_samples: int = 25, genes: Sequence[str] | None = None, seed: int = 0,
+                      batch_size: int | None = None, observation: int = 0):
+        """Decoder means averaged over ``n_samples`` draws of ``N(mean, var)``, chunk by chunk (normalised scale).
+
+        Yields ``(start, block)``: ``float32`` arrays of rows ``start:start + len(block)`` and the model's genes (or
+        ``genes``, in that order). The draws are common random numbers (draw ``s`` of every row is
+        ``mean + sd * noise[s]``), so a row's result depends only on its own posterior and the seed, whatever other
+        rows are decoded with it. Used by denoising, prediction and enhancement.
+        """
+        positions = self._gene_positions(genes)
+        batch_size = batch_size or auto_batch_size(len(mean))
         generator = torch.Generator(device=mean.device).manual_seed(seed)
         noise = torch.randn((n_samples, mean.shape[1]), generator=generator, dtype=mean.dtype, device=mean.device)
         columns = None if positions is None else torch.as_tensor(positions, device=mean.device)
         self.module.eval()
         for start in range(0, len(mean), batch_size):
             rows = slice(start, start + batch_size)
-            covariates = None if spots.covariates is None else spots.covariates[rows]
-            batch = Batch(None, None, None, None, covariates)
+            batch = Batch(None, None, None, None, None if covariates is None else covariates[rows])
             sd = var[rows].clamp_min(0.0).sqrt()
             out = sum(self.module.denoise(mean[rows] + sd * draw, batch, observation) for draw in noise) / n_samples
             if columns is not None:
                 out = out[:, columns]
-            if scale_by_library:
-                out = out * spots.size_factors[rows, None]
             yield start, out.cpu().numpy().astype(np.float32, copy=False)
 
     def get_denoised_counts(self, *, n_samples: int = 25, library_size: str = "observed", mode: str = "full",

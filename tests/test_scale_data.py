@@ -212,3 +212,29 @@ def test_multi_section_prediction_and_enhancement():
     with pytest.raises(ValueError, match="give the section of each spot"):
         predict(model, adata.obsm["spatial"][:3])
     assert enhance(model, n_samples=2).n_obs == 5 * adata.n_obs
+
+
+def test_morans_i_in_gene_blocks_equals_the_whole_matrix(monkeypatch):
+    from spavae.analysis import spatial_stats
+
+    adata = _sparse_section(300, 40, density=0.3)
+    whole = spatial_stats.spatial_autocorr(adata, copy=True).var["morans_i"].to_numpy()
+    monkeypatch.setattr(spatial_stats, "_gene_block", lambda n_spots: 7)
+    blocked = spatial_stats.spatial_autocorr(adata, copy=True).var["morans_i"].to_numpy()
+    np.testing.assert_allclose(blocked, whole, rtol=1e-12)
+    counts = adata.X.toarray().astype(np.float64)
+    totals = counts.sum(1)
+    logged = np.log1p(counts / (totals / np.median(totals))[:, None])
+    weights = spatial_stats.knn_weights(adata.obsm["spatial"], 5)
+    np.testing.assert_allclose(whole, spatial_stats.morans_i(logged, weights), rtol=1e-12)
+
+
+def test_prediction_of_a_gene_subset_equals_those_columns_of_the_full_prediction(trained):
+    adata, model, _ = trained
+    locations = adata.obsm["spatial"][:7] + 0.25
+    genes = [model.var_names[3], model.var_names[0]]
+    full = predict(model, locations, n_samples=3, batch_size=4)
+    subset = predict(model, locations, n_samples=3, genes=genes, batch_size=4)
+    assert list(subset.var_names) == genes
+    np.testing.assert_allclose(subset.X, full.X[:, [3, 0]], rtol=1e-6)
+    assert enhance(model, n_samples=2, genes=genes).shape == (5 * adata.n_obs, 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import anndata as ad
@@ -37,8 +38,8 @@ def enhancement_locations(locations: np.ndarray) -> tuple[np.ndarray, float]:
     return points, delta
 
 
-def enhance(model: SpaVAE, *, n_samples: int = 25, key_added: str = "spavae", batch_size: int | None = None,
-            seed: int = 0) -> ad.AnnData:
+def enhance(model: SpaVAE, *, n_samples: int = 25, genes: Sequence[str] | None = None, key_added: str = "spavae",
+            batch_size: int | None = None, seed: int = 0) -> ad.AnnData:
     """Predict latent and expression at ``5N`` sub-spot locations around the training spots.
 
     The geometry is computed in the model's scaled frame (as in the original), then mapped back to the
@@ -50,6 +51,8 @@ def enhance(model: SpaVAE, *, n_samples: int = 25, key_added: str = "spavae", ba
         A trained :class:`~spavae.SpaVAE`.
     n_samples
         Latent draws averaged for the expression.
+    genes
+        Only these genes: the output has ``5N`` rows, so for a large section ``5N x G`` is best avoided.
     key_added
         Prefix of the keys written, as in :func:`~spavae.analysis.predict`.
     batch_size
@@ -74,7 +77,7 @@ def enhance(model: SpaVAE, *, n_samples: int = 25, key_added: str = "spavae", ba
         sections = np.tile(np.asarray(model.setup.sections)[codes], len(OFFSETS))
     parents = np.tile(np.asarray(model.obs_names), len(OFFSETS))
     offsets = np.repeat(list(OFFSETS), len(scaled))
-    out = predict(model, points, sections=sections, scaled=True, n_samples=n_samples, key_added=key_added,
+    out = predict(model, points, sections=sections, scaled=True, n_samples=n_samples, genes=genes, key_added=key_added,
                   batch_size=batch_size, seed=seed,
                   obs_names=pd.Index([f"{p}_{o}" for p, o in zip(parents, offsets)]))
     out.obs["parent_spot"] = pd.Categorical(parents)

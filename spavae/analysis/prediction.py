@@ -13,6 +13,7 @@ memory is :math:`O((N + \\text{batch\\_size})(p + G))` whatever the number of ne
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import anndata as ad
@@ -106,8 +107,8 @@ def predict_latent(model: SpaVAE, locations: np.ndarray, *, sections=None, scale
 
 
 def predict(model: SpaVAE, locations: np.ndarray, *, sections=None, scaled: bool = False, n_samples: int = 25,
-            key_added: str = "spavae", obs_names: pd.Index | None = None, batch_size: int | None = None,
-            seed: int = 0) -> ad.AnnData:
+            genes: Sequence[str] | None = None, key_added: str = "spavae", obs_names: pd.Index | None = None,
+            batch_size: int | None = None, seed: int = 0) -> ad.AnnData:
     """Predict the latent and the expression at new locations and return them as a new AnnData.
 
     Parameters
@@ -121,7 +122,11 @@ def predict(model: SpaVAE, locations: np.ndarray, *, sections=None, scaled: bool
     scaled
         ``locations`` are in the model's scaled ``[0, loc_range]`` frame.
     n_samples
-        Latent draws averaged for the expression (25 as in the original).
+        Latent draws averaged for the expression (25 as in the original; common random numbers, as in
+        :meth:`~spavae.SpaVAE.decode_latent`).
+    genes
+        Predict only these genes (``.X`` is ``n x len(genes)``): for many locations, as the expression of every
+        gene is a dense ``n x G`` array.
     key_added
         Prefix of the keys written (as in :meth:`~spavae.SpaVAE.write_results`).
     obs_names
@@ -148,14 +153,17 @@ def predict(model: SpaVAE, locations: np.ndarray, *, sections=None, scaled: bool
     codes = setup.section_codes(sections)
     covariates = None if codes is None else \
         torch.as_tensor(np.eye(setup.n_sections)[codes], dtype=mean.dtype, device=mean.device)
-    expression = model.module.decode_posterior(mean, var, covariates=covariates, n_samples=n_samples,
-                                               batch_size=model._batch_size(batch_size, model.data), seed=seed)
+    expression = np.empty((len(mean), len(model.var_names) if genes is None else len(genes)), dtype=np.float32)
+    for start, block in model.decode_latent(mean, var, covariates=covariates, n_samples=n_samples, genes=genes,
+                                            seed=seed, batch_size=batch_size):
+        expression[start:start + len(block)] = block
     scaled_locations = locations if scaled else setup.scale_locations(locations, codes)
     raw_locations = setup.unscale_locations(scaled_locations, codes) if scaled else locations
     obs = pd.DataFrame({"nearest_spot": pd.Categorical(np.asarray(model.obs_names)[nearest])}, index=names)
     if codes is not None:
         obs["section"] = pd.Categorical(np.asarray(setup.sections)[codes], categories=setup.sections)
-    out = ad.AnnData(X=expression.cpu().numpy(), obs=obs, var=pd.DataFrame(index=model.var_names.copy()))
+    var_names = model.var_names.copy() if genes is None else pd.Index(list(genes))
+    out = ad.AnnData(X=expression, obs=obs, var=pd.DataFrame(index=var_names))
     out.obsm["spatial"] = raw_locations
     out.obsm["spatial_scaled"] = scaled_locations
     out.obsm[f"X_{key_added}"] = mean.cpu().numpy()

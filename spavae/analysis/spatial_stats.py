@@ -8,7 +8,7 @@ from scipy import sparse
 from sklearn.neighbors import kneighbors_graph
 
 from spavae.analysis._common import spot_coordinates
-from spavae.data.preprocess import normalize_log_scale, size_factors
+from spavae.data.preprocess import size_factors
 
 
 def knn_weights(locations: np.ndarray, n_neighbors: int = 5) -> sparse.csr_matrix:
@@ -39,6 +39,11 @@ def morans_i(values: np.ndarray, weights: sparse.spmatrix) -> np.ndarray:
     return np.where(denominator > 1e-12 * len(z), scores, np.nan)
 
 
+def _gene_block(n_spots: int) -> int:
+    """Genes scored at once: a dense block of at most 20 million values (160 MB), whatever the section size."""
+    return max(1, 20_000_000 // max(n_spots, 1))
+
+
 def spatial_autocorr(adata: ad.AnnData, *, layer: str | None = None, spatial_key: str = "spatial",
                      visium_array: bool = False, n_neighbors: int = 5, preprocess: bool = True,
                      key_added: str | None = None, copy: bool = False) -> ad.AnnData | None:
@@ -59,7 +64,8 @@ def spatial_autocorr(adata: ad.AnnData, *, layer: str | None = None, spatial_key
         ``k`` of the kNN graph (5 as in the original).
     preprocess
         Score the preprocessed matrix of ALGORITHM 1.2 (size-factor normalised, ``log1p``; the z-scoring does
-        not change Moran's I). Use ``False`` for values that are already on the scale to score.
+        not change Moran's I). Use ``False`` for values that are already on the scale to score. Genes are scored
+        in blocks (a dense block of at most 20 million values), so a sparse matrix is never densified whole.
     key_added
         ``var`` column (``'morans_i'`` or ``'morans_i_<layer>'`` by default); the parameters go to
         ``adata.uns[key_added]['params']``.
@@ -75,10 +81,15 @@ def spatial_autocorr(adata: ad.AnnData, *, layer: str | None = None, spatial_key
     adata = adata.copy() if copy else adata
     key_added = key_added or ("morans_i" if layer is None else f"morans_i_{layer}")
     values = adata.X if layer is None else adata.layers[layer]
-    if preprocess:
-        values = normalize_log_scale(values, size_factors(values))
     weights = knn_weights(spot_coordinates(adata, spatial_key, visium_array), n_neighbors)
-    adata.var[key_added] = morans_i(values, weights)
+    factors = size_factors(values) if preprocess else None
+    columns = values.tocsc() if sparse.issparse(values) else values
+    scores = []
+    for start in range(0, values.shape[1], _gene_block(values.shape[0])):  # a dense block of genes at a time
+        block = columns[:, start:start + _gene_block(values.shape[0])]
+        block = np.asarray(block.toarray() if sparse.issparse(block) else block, dtype=np.float64)
+        scores.append(morans_i(np.log1p(block / factors[:, None]) if preprocess else block, weights))
+    adata.var[key_added] = np.concatenate(scores)
     adata.uns[key_added] = {"params": {"layer": layer, "n_neighbors": n_neighbors, "preprocess": preprocess,
                                        "visium_array": visium_array}}
     return adata if copy else None
