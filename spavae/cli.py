@@ -305,10 +305,12 @@ def _add_analysis_commands(sub) -> None:
         "                     then one column per gene of --genes (all genes by default)\n"
         "  predictions.h5ad   the same as an AnnData (expression in .X, latent in obsm['X_spavae'])\n"
         "  predictions.png    a gene measured at the spots and predicted at the new locations\n"
-        "Single-section models only for now.")
+        "A multi-section model needs the section of each location (--section-column).")
     predict.add_argument("locations", metavar="LOCATIONS.csv", help="CSV with one row per new location")
     predict.add_argument("--x-column", default="x", help="column of the x coordinate (default x)")
     predict.add_argument("--y-column", default="y", help="column of the y coordinate (default y)")
+    predict.add_argument("--section-column", default="section",
+                         help="column with the section of each location, for a multi-section model (default section)")
     _add_gene_options(predict)
     predict.set_defaults(handler=predict_command)
 
@@ -319,7 +321,7 @@ def _add_analysis_commands(sub) -> None:
         "  enhanced.h5ad    5N rows: expression (normalised scale) in .X, obsm['spatial'], the latent in\n"
         "                   obsm['X_spavae'], obs['parent_spot'] and obs['offset']\n"
         "  enhanced.png     a gene measured at the spots and predicted at the 5N sub-spots\n"
-        "Single-section models only for now.")
+        "Sub-spots keep their parent's section in a multi-section model.")
     _add_gene_options(enhance, table=False)
     enhance.set_defaults(handler=enhance_command)
 
@@ -520,12 +522,6 @@ def _plot_gene(args: argparse.Namespace, adata, model: spavae.SpaVAE, genes: lis
     return names[int(np.argmax(variances))]
 
 
-def _single_section(model: spavae.SpaVAE) -> None:
-    if model.init_params.get("batch_key") is not None:
-        raise ValueError("prediction and enhancement of multi-section models are not available from the command line "
-                         "yet; use a single-section model")
-
-
 def domains_command(args: argparse.Namespace) -> None:
     """The ``domains`` command."""
     run, out = _open(args, "domains")
@@ -667,11 +663,16 @@ def predict_command(args: argparse.Namespace) -> None:
     except ValueError as err:
         raise ValueError(f"{args.locations}: the coordinate columns must be numbers ({err})") from None
     model, adata = run.model(), run.adata
-    _single_section(model)
+    sections = None
+    if model.setup.sections is not None:
+        if args.section_column not in table:
+            raise ValueError(f"{args.locations} has no column '{args.section_column}': this model has several "
+                             f"sections ({model.setup.sections}); name the column with --section-column")
+        sections = table[args.section_column].astype(str).to_numpy()
     genes = _split(args.genes) or list(model.var_names)
     _check_genes(genes, model.var_names)
     gene = _plot_gene(args, adata, model, _split(args.genes))
-    predicted = predict(model, coordinates, n_samples=args.n_samples, seed=args.seed,
+    predicted = predict(model, coordinates, sections=sections, n_samples=args.n_samples, seed=args.seed,
                         obs_names=pd.Index([f"pred{i}" for i in range(len(table))]))
     latent = pd.DataFrame(predicted.obsm["X_spavae"], columns=[f"latent_{c}" for c in latent_columns(model)])
     expression = pd.DataFrame(predicted[:, genes].X, columns=genes)
@@ -691,7 +692,6 @@ def enhance_command(args: argparse.Namespace) -> None:
     """The ``enhance`` command."""
     run, out = _open(args, "enhance")
     model, adata = run.model(), run.adata
-    _single_section(model)
     gene = _plot_gene(args, adata, model, None)
     enhanced = enhance(model, n_samples=args.n_samples, seed=args.seed)
     written = Outputs(out)

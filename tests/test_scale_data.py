@@ -238,3 +238,28 @@ def test_prediction_of_a_gene_subset_equals_those_columns_of_the_full_prediction
     assert list(subset.var_names) == genes
     np.testing.assert_allclose(subset.X, full.X[:, [3, 0]], rtol=1e-6)
     assert enhance(model, n_samples=2, genes=genes).shape == (5 * adata.n_obs, 2)
+
+
+def test_cli_predict_and_enhance_for_a_multi_section_model(tmp_path):
+    from spavae.cli import main
+    from spavae.data.simulate import simulate_sections
+
+    adata = simulate_sections(n_sections=2, n_rows=8, n_cols=8, n_genes=20, seed=1)
+    model = spavae.SpaVAE(adata, batch_key="section", seed=0, encoder_layers=(16,), decoder_layers=(16,))
+    model.train(max_epochs=2, progress=False)
+    model.save(tmp_path / "model.pt")
+    adata.write_h5ad(tmp_path / "results.h5ad")
+    sections = adata.obs["section"].astype(str).to_numpy()
+    table = pd.DataFrame({"x": adata.obsm["spatial"][:4, 0] + 0.2, "y": adata.obsm["spatial"][:4, 1],
+                          "section": sections[[0, 1, -2, -1]]})
+    table.to_csv(tmp_path / "new.csv", index=False)
+    source = [str(tmp_path / "results.h5ad"), "--model", str(tmp_path / "model.pt")]
+    assert main(["predict", *source, str(tmp_path / "new.csv"), "--out", str(tmp_path / "p"), "--n-samples", "2"]) == 0
+    written = pd.read_csv(tmp_path / "p" / "predictions.csv")
+    assert len(written) == 4
+    nearest_sections = adata.obs.loc[written["nearest_spot"].astype(str), "section"].astype(str).to_numpy()
+    np.testing.assert_array_equal(nearest_sections, table["section"].to_numpy())
+    table.drop(columns="section").to_csv(tmp_path / "bare.csv", index=False)
+    assert main(["predict", *source, str(tmp_path / "bare.csv"), "--out", str(tmp_path / "q")]) == 2
+    assert main(["enhance", *source, "--out", str(tmp_path / "e"), "--n-samples", "2"]) == 0
+    assert ad.read_h5ad(tmp_path / "e" / "enhanced.h5ad").n_obs == 5 * adata.n_obs
