@@ -29,7 +29,8 @@ model.train(max_epochs=args.epochs, progress=False)
 print(score_clustering(adata.obs["ground_truth"], cluster_kmeans(model.get_latent_representation(), 3, n_init=10)))
 mean, _ = model.latent_posterior()
 with torch.no_grad():
-    background = model.module.observations[1].background_probability(mean, model.data.batch(np.arange(len(model.data)))).cpu().numpy()
+    every_spot = model.data.batch(np.arange(len(model.data)))
+    background = model.module.observations[1].background_probability(mean, every_spot).cpu().numpy()
 foreground = adata.obsm["protein_expression_is_foreground"]
 raw = adata.obsm["protein_expression"]
 fig, axes = plt.subplots(1, 2, figsize=(10, 4))
