@@ -6,7 +6,7 @@ import torch
 from scipy import stats
 
 from spavae.beta import PIController
-from spavae.likelihoods import NegativeBinomialObservation, nb_log_prob
+from spavae.likelihoods import GeneNegativeBinomial, NegativeBinomialObservation, nb_log_prob, negative_binomial
 from spavae.model import Batch
 
 
@@ -65,3 +65,23 @@ def test_controller_window_and_state_roundtrip():
     assert clone.step(0.5) == c.step(0.5)
     with pytest.raises(ValueError, match="beta_min"):
         PIController(0.25, beta_min=5, beta_max=4)
+
+
+def test_gene_negative_binomial_equals_the_expanded_one_and_scipy():
+    """The per-gene lgamma(theta) shortcut changes no value and no gradient."""
+
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.rand(6, 4, dtype=torch.float64, generator=generator) * 5 + 0.01
+    for theta in (torch.rand(4, dtype=torch.float64, generator=generator) + 0.1,
+                  torch.rand(6, 4, dtype=torch.float64, generator=generator) + 0.1):
+        theta.requires_grad_(True)
+        counts = torch.poisson(mean, generator=generator)
+        fast = GeneNegativeBinomial(mean, theta).log_prob(counts)
+        slow = negative_binomial(mean, theta.expand_as(mean)).log_prob(counts)
+        torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+        expected = stats.nbinom.logpmf(counts.numpy(), theta.detach().expand_as(mean).numpy(),
+                                             (theta / (theta + mean)).detach().numpy())
+        np.testing.assert_allclose(fast.detach().numpy(), expected, rtol=1e-10)
+        grad_fast, = torch.autograd.grad(fast.sum(), theta)
+        grad_slow, = torch.autograd.grad(slow.sum(), theta)
+        torch.testing.assert_close(grad_fast, grad_slow, rtol=1e-10, atol=1e-12)
