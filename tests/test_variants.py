@@ -202,7 +202,7 @@ def test_peaks_and_proteins_recover_planted_domains():
     module = model.module.eval()
     mean, _ = model.latent_posterior()
     with torch.no_grad():
-        background = module.observations[1].background_probability(mean, model._batch(slice(None))).numpy()
+        background = module.observations[1].background_probability(mean, model.data.batch(np.arange(rna.n_obs))).numpy()
     foreground = rna.obsm["protein_expression_is_foreground"]
     assert background[foreground].mean() < background[~foreground].mean()
 
