@@ -116,7 +116,7 @@ class DataSetup:
         if len(genes) < MIN_GENES:
             raise ValueError(f"{where} has {len(genes)} gene(s); spavae needs at least {MIN_GENES}")
         columns = pd.Index(adata.var_names).get_indexer(genes)
-        totals, library_median, mean, sd = _expression_statistics(matrix, columns, binarize, where, layer)
+        library_median, mean, sd = _expression_statistics(matrix, columns, binarize, where, layer)
         proteins = protein_matrix(adata, protein_key)
         background = None
         if proteins is not None:
@@ -223,25 +223,27 @@ class DataSetup:
             raise ValueError(f"unknown section(s) {unknown[:5]}; the model knows {self.sections}")
         return pd.Categorical(labels, categories=self.sections).codes.astype(int)
 
+    def _per_section(self, values: np.ndarray, codes: np.ndarray | None, inverse: bool) -> np.ndarray:
+        """Apply each section's frame (or its inverse) to that section's rows."""
+        values = np.asarray(values, dtype=np.float64)
+
+        def apply(frame: LocationScaler, rows: np.ndarray) -> np.ndarray:
+            return frame.inverse_transform(rows) if inverse else frame.transform(rows)
+
+        if codes is None:
+            return apply(self.frames[0], values)
+        out = np.empty_like(values)
+        for index, frame in enumerate(self.frames):
+            out[codes == index] = apply(frame, values[codes == index])
+        return out
+
     def scale_locations(self, locations: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
         """Coordinates in the model's frame: each spot scaled with its section's fitted frame."""
-        locations = np.asarray(locations, dtype=np.float64)
-        if codes is None:
-            return self.frames[0].transform(locations)
-        scaled = np.empty_like(locations)
-        for index, frame in enumerate(self.frames):
-            scaled[codes == index] = frame.transform(locations[codes == index])
-        return scaled
+        return self._per_section(locations, codes, inverse=False)
 
     def unscale_locations(self, scaled: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
         """Inverse of :meth:`scale_locations`."""
-        scaled = np.asarray(scaled, dtype=np.float64)
-        if codes is None:
-            return self.frames[0].inverse_transform(scaled)
-        out = np.empty_like(scaled)
-        for index, frame in enumerate(self.frames):
-            out[codes == index] = frame.inverse_transform(scaled[codes == index])
-        return out
+        return self._per_section(scaled, codes, inverse=True)
 
     def gp_inputs(self, scaled: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
         """GP inputs: scaled ``[x, y]``, followed by the one-hot section for a multi-section model."""
@@ -301,8 +303,8 @@ def _expression_statistics(matrix, columns: np.ndarray, binarize: bool, where: s
     mean = sums / n_spots
     variance = np.maximum(squares - n_spots * mean**2, 0.0) / max(n_spots - 1, 1)
     if binarize:  # spaPeakVAE: the binary matrix itself is the encoder input (no z-scoring)
-        return totals, library_median, np.zeros(n_genes), np.ones(n_genes)
-    return totals, library_median, mean, _safe_sd(np.sqrt(variance), mean)
+        return library_median, np.zeros(n_genes), np.ones(n_genes)
+    return library_median, mean, _safe_sd(np.sqrt(variance), mean)
 
 
 def _section_names(adata: ad.AnnData, batch_key: str | None) -> list[str] | None:
