@@ -34,16 +34,16 @@ def _spot_positions(spots, n_spots: int) -> np.ndarray:
     return positions
 
 
-def _denoised(model: SpaVAE, *, n_samples: int, average: bool, spots: np.ndarray | None, library_size: str,
-              mode: str, batch_size: int | None, seed: int) -> np.ndarray:
-    check_trained(model)
+def _check_library_size(library_size: str) -> None:
     if library_size not in LIBRARY_SIZES:
         raise ValueError(f"library_size must be one of {LIBRARY_SIZES}, got {library_size!r}")
+
+
+def _posterior_samples(model: SpaVAE, *, n_samples: int, spots: np.ndarray | None, library_size: str, mode: str,
+                       batch_size: int | None, seed: int) -> np.ndarray:
+    check_trained(model)
+    _check_library_size(library_size)
     positions = None if spots is None else _spot_positions(spots, len(model.data))
-    if average:
-        denoised = model.get_denoised_counts(n_samples=n_samples, library_size=library_size, mode=mode,
-                                             batch_size=batch_size, seed=seed)
-        return denoised if positions is None else denoised[positions]
     mean, var = model.latent_posterior(mode=mode, batch_size=batch_size)
     factors, covariates = model.data.size_factors, model.data.covariates
     if positions is not None:
@@ -83,8 +83,8 @@ def denoised_samples(model: SpaVAE, *, n_samples: int = 10, spots: np.ndarray | 
     -------
     Array of shape ``n_samples x n_spots x n_genes``.
     """
-    return _denoised(model, n_samples=n_samples, average=False, spots=spots, library_size=library_size, mode=mode,
-                     batch_size=batch_size, seed=seed)
+    return _posterior_samples(model, n_samples=n_samples, spots=spots, library_size=library_size, mode=mode,
+                              batch_size=batch_size, seed=seed)
 
 
 def denoise(adata: ad.AnnData, model: SpaVAE, *, n_samples: int = 25, library_size: str = "observed",
@@ -120,8 +120,9 @@ def denoise(adata: ad.AnnData, model: SpaVAE, *, n_samples: int = 25, library_si
     """
     check_same_spots(adata, model)
     adata = adata.copy() if copy else adata
-    adata.layers[key_added] = _denoised(model, n_samples=n_samples, average=True, spots=None,
-                                        library_size=library_size, mode=mode, batch_size=batch_size, seed=seed)
+    _check_library_size(library_size)
+    adata.layers[key_added] = model.get_denoised_counts(n_samples=n_samples, library_size=library_size, mode=mode,
+                                                        batch_size=batch_size, seed=seed)
     adata.uns[key_added] = {"params": {"n_samples": n_samples, "library_size": library_size, "mode": mode,
                                        "seed": seed}}
     return adata if copy else None
