@@ -68,7 +68,7 @@ def test_controller_window_and_state_roundtrip():
 
 
 def test_gene_negative_binomial_equals_the_expanded_one_and_scipy():
-    """The per-gene lgamma(theta) shortcut changes no value and no gradient."""
+    """The zero-count shortcut (log-gamma terms only at nonzero counts) changes no value and no gradient."""
 
     generator = torch.Generator().manual_seed(0)
     mean = torch.rand(6, 4, dtype=torch.float64, generator=generator) * 5 + 0.01
@@ -76,12 +76,17 @@ def test_gene_negative_binomial_equals_the_expanded_one_and_scipy():
                   torch.rand(6, 4, dtype=torch.float64, generator=generator) + 0.1):
         theta.requires_grad_(True)
         counts = torch.poisson(mean, generator=generator)
+        counts[0], counts[1, :2] = 0.0, 0.0  # a spot without counts and zeros among nonzero counts
+        assert (counts > 0).any() and (counts[1:] == 0).any()
+        mean.requires_grad_(True)
         fast = GeneNegativeBinomial(mean, theta).log_prob(counts)
         slow = negative_binomial(mean, theta.expand_as(mean)).log_prob(counts)
         torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
         expected = stats.nbinom.logpmf(counts.numpy(), theta.detach().expand_as(mean).numpy(),
                                              (theta / (theta + mean)).detach().numpy())
         np.testing.assert_allclose(fast.detach().numpy(), expected, rtol=1e-10)
-        grad_fast, = torch.autograd.grad(fast.sum(), theta)
-        grad_slow, = torch.autograd.grad(slow.sum(), theta)
-        torch.testing.assert_close(grad_fast, grad_slow, rtol=1e-10, atol=1e-12)
+        grads_fast = torch.autograd.grad(fast.sum(), (theta, mean))
+        grads_slow = torch.autograd.grad(slow.sum(), (theta, mean))
+        for grad_fast, grad_slow in zip(grads_fast, grads_slow):
+            torch.testing.assert_close(grad_fast, grad_slow, rtol=1e-10, atol=1e-12)
+        mean = mean.detach()
