@@ -167,3 +167,24 @@ def test_unconditioned_gp_explains_itself():
     gp = SpatialGP(torch.rand(9, 2, dtype=D), 2).double()
     with pytest.raises(RuntimeError, match="call SpatialGP.condition_on"):
         gp.marginals(torch.rand(3, 2, dtype=D))
+
+
+def test_a_training_step_computes_each_kernel_matrix_once():
+    """batch_terms evaluates K_pb, K_pp and diag K_bb once each: the marginals reuse the conditioning's K_pb."""
+    generator = torch.Generator().manual_seed(0)
+    inducing = torch.rand(9, 2, dtype=torch.float64, generator=generator) * 20
+    gp = SpatialGP(inducing, 2).double()
+    x = torch.rand(30, 2, dtype=torch.float64, generator=generator) * 20
+    omega = torch.randn(30, 2, dtype=torch.float64, generator=generator)
+    phi2 = torch.rand(30, 2, dtype=torch.float64, generator=generator) + 0.1
+    calls = []
+    forward = gp.covar_module.forward
+    gp.covar_module.forward = lambda x1, x2, diag=False, **kw: calls.append((x1.shape[0], x2.shape[0], diag)) \
+        or forward(x1, x2, diag=diag, **kw)
+    terms = gp.batch_terms(x, omega, phi2, 300.0)
+    assert sorted(calls) == [(9, 9, False), (9, 30, False), (30, 30, True)]
+    gp.covar_module.forward = forward
+    gp.condition_on(x, omega, phi2, 300.0)
+    mean, var = gp.marginals(x.clone())  # another tensor: K_px is computed afresh and agrees
+    torch.testing.assert_close(mean, terms.mean)
+    torch.testing.assert_close(var, terms.var)

@@ -85,7 +85,10 @@ class BatchOptimalVariationalStrategy(UnwhitenedVariationalStrategy):
 
     def __init__(self, model, inducing_points, variational_distribution, learn_inducing_locations=False, jitter_val=1e-8):
         super().__init__(model, inducing_points, variational_distribution, learn_inducing_locations, jitter_val)
+        # kept from the last conditioning, so that a training step computes each kernel matrix once
         self._sigma_chol: torch.Tensor | None = None
+        self._conditioned_chol: torch.Tensor | None = None  # Cholesky factor of K_pp + jitter
+        self._batch_cross: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, K_px) of the conditioning batch
 
     @property
     @cached(name="prior_distribution_memo")
@@ -95,11 +98,30 @@ class BatchOptimalVariationalStrategy(UnwhitenedVariationalStrategy):
         zeros = torch.zeros(chol.shape[:-1], dtype=chol.dtype, device=chol.device)
         return MultivariateNormal(zeros, RootLinearOperator(chol))
 
-    @cached(name="prior_cholesky_memo")
     def _prior_cholesky(self) -> torch.Tensor:
-        k_pp = self.model.covar_module(self.inducing_points).to_dense()
+        """Cholesky factor of :math:`K_{pp}` + jitter: the one computed with the current q(u), else a fresh one."""
+        if self._conditioned_chol is not None:
+            return self._conditioned_chol
+        return self._inducing_cholesky(self._inducing_covariance())
+
+    @cached(name="inducing_covariance_memo")
+    def _inducing_covariance(self) -> torch.Tensor:
+        return self.model.covar_module(self.inducing_points).to_dense()
+
+    def _inducing_cholesky(self, k_pp: torch.Tensor) -> torch.Tensor:
         eye = torch.eye(k_pp.shape[-1], dtype=k_pp.dtype, device=k_pp.device)
         return torch.linalg.cholesky(k_pp + self.jitter_val * eye)
+
+    def _cross_covariance(self, inducing_points: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """:math:`K_{px}`, reused when ``x`` is the batch q(u) was just conditioned on (the training step)."""
+        if self._batch_cross is not None and self._batch_cross[0] is x and inducing_points is self.inducing_points:
+            return self._batch_cross[1]
+        return self.model.covar_module(inducing_points, x).to_dense()
+
+    def _forget_batch(self) -> None:
+        """Drop the kernel matrices kept from the last conditioning (before a new one, or a restored q(u))."""
+        self._batch_cross = self._conditioned_chol = self._sigma_chol = None
+        self._clear_cache()
 
     def statistics(self, x: torch.Tensor, omega: torch.Tensor, phi2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Sufficient statistics of a batch for :math:`q(u)`: :math:`K_{pb}\Lambda^{-1}K_{bp}` and
@@ -115,17 +137,22 @@ class BatchOptimalVariationalStrategy(UnwhitenedVariationalStrategy):
         omega, phi2
             Encoder means and variances of the GP dimensions, ``L x b``.
         """
+        precision, rhs, _ = self._statistics(x, omega, phi2)
+        return precision, rhs
+
+    def _statistics(self, x, omega, phi2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k_pb = self.model.covar_module(self.inducing_points, x).to_dense()
         weighted = k_pb / phi2.unsqueeze(-2)  # K_pb Lambda^-1, L x p x b
         precision = weighted @ k_pb.transpose(-1, -2)
         rhs = (weighted @ omega.unsqueeze(-1)).squeeze(-1)
-        return precision, rhs
+        return precision, rhs, k_pb
 
     def condition_on_statistics(self, precision: torch.Tensor, rhs: torch.Tensor, scale: float) -> None:
         """Set :math:`q(u)` to the closed-form optimum (ALGORITHM 3.1) from :meth:`statistics` and ``scale = N/b``."""
-        self._clear_cache()
+        self._forget_batch()
         k_pp = self.model.covar_module(self.inducing_points).to_dense()
         eye = torch.eye(k_pp.shape[-1], dtype=k_pp.dtype, device=k_pp.device)
+        self._conditioned_chol = self._inducing_cholesky(k_pp)
         sigma = k_pp + scale * precision
         sigma_chol = torch.linalg.cholesky(sigma + self.jitter_val * eye)
         mean = (k_pp @ torch.cholesky_solve(scale * rhs.unsqueeze(-1), sigma_chol)).squeeze(-1)
@@ -145,7 +172,9 @@ class BatchOptimalVariationalStrategy(UnwhitenedVariationalStrategy):
         scale
             :math:`N / b`.
         """
-        self.condition_on_statistics(*self.statistics(x, omega, phi2), scale)
+        precision, rhs, k_pb = self._statistics(x, omega, phi2)
+        self.condition_on_statistics(precision, rhs, scale)
+        self._batch_cross = (x, k_pb)
 
     def kl_divergence(self) -> torch.Tensor:
         r""":math:`KL(q(u_l) \| p(u_l))` for each GP dimension (shape ``L``).
@@ -169,7 +198,7 @@ class BatchOptimalVariationalStrategy(UnwhitenedVariationalStrategy):
     def forward(self, x, inducing_points, inducing_values, variational_inducing_covar=None, diag=True, **kwargs):
         r"""Marginals :math:`m = K_{xp}K^{-1}\mu`, :math:`B = k_{xx} - k_x^TK^{-1}k_x + k_x^TK^{-1}AK^{-1}k_x`."""
         k_chol = self._prior_cholesky()
-        k_px = self.model.covar_module(inducing_points, x).to_dense()
+        k_px = self._cross_covariance(inducing_points, x)
         k_xx = self.model.covar_module(x, diag=True)
         half = torch.linalg.solve_triangular(k_chol, k_px.expand(*k_chol.shape[:-2], *k_px.shape[-2:]), upper=False)
         interp = torch.linalg.solve_triangular(k_chol.transpose(-1, -2), half, upper=True)  # K^-1 K_px
@@ -300,8 +329,7 @@ class SpatialGP(ApproximateGP):
         if state is None or self.variational == "learned":
             return
         strategy = self.variational_strategy
-        strategy._clear_cache()
-        strategy._sigma_chol = None
+        strategy._forget_batch()
         device = strategy.inducing_points.device
         strategy._variational_distribution.set_state(state["mean"].to(device), state["covar_root"].to(device))
 
