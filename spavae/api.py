@@ -81,8 +81,12 @@ class SpaVAE:
         Keep this many highly variable genes (count-based Seurat v3, :func:`spavae.data.genes.highly_variable_genes`);
         ``'auto'`` keeps 2,000 when the input has more than 6,000 genes (whole transcriptomes) and every gene
         otherwise (targeted panels, the preselected DLPFC genes); ``None`` keeps every gene.
-    loc_range
-        Coordinates are min-max scaled per axis (and per section) to ``[0, loc_range]`` (20).
+    loc_range, location_frame
+        How spot coordinates become GP inputs, per section (:class:`~spavae.data.frame.LocationFrame`).
+        ``'aligned'`` (default): Visium array indices are put on their hexagonal lattice, the spots are turned onto
+        their principal axes and scaled isotropically so that their bounding box has area ``loc_range**2``
+        (a square section gets ``[0, 20]^2``): the same frame whatever the units, orientation, mirroring or spot
+        pitch. ``'minmax'``: the original's per-axis min-max scaling to ``[0, loc_range]``.
     inducing, inducing_steps, n_inducing
         ``'grid'``: ``(inducing_steps + 1)**2`` points (steps 6 = 49 points); ``'kmeans'``: ``n_inducing``
         centroids of the scaled locations; ``'auto'``: the grid up to 20,000 spots, else ``n_spots / 500``
@@ -118,6 +122,7 @@ class SpaVAE:
         likelihood: str = "nb",
         n_top_genes: int | str | None = "auto",
         loc_range: float = 20.0,
+        location_frame: str = "aligned",
         inducing: str = "auto",
         inducing_steps: int = 6,
         n_inducing: int | None = None,
@@ -142,7 +147,8 @@ class SpaVAE:
         set_seed(seed)
         self.setup = setup if setup is not None else DataSetup.fit(
             adata, layer=layer, spatial_key=spatial_key, batch_key=batch_key, protein_key=protein_key,
-            likelihood=likelihood, n_top_genes=n_top_genes, loc_range=loc_range, inducing=inducing,
+            likelihood=likelihood, n_top_genes=n_top_genes, loc_range=loc_range, location_frame=location_frame,
+            inducing=inducing,
             inducing_steps=inducing_steps, n_inducing=n_inducing, seed=seed)
         self.data = SpotData(adata, self.setup, device=self.device, dtype=self.dtype, gp_dtype=GP_DTYPE)
         self.module = build_module(self.setup, n_obs=len(self.data), dtype=self.dtype, **module_options)

@@ -112,7 +112,10 @@ class ModelConfig:
     inducing_steps: int = _opt(6, "grid inducing points: (steps + 1)^2 points", _at_least(1))
     n_inducing: int | None = _opt(None, "k-means inducing points: number of centroids (null = 49)", _at_least(2))
     learn_inducing: bool = _opt(False, "train the inducing locations (fixed in the original)")
-    loc_range: float = _opt(20.0, "coordinates are min-max scaled to [0, loc_range] per axis", _positive)
+    loc_range: float = _opt(20.0, "size of the location frame: a square section spans [0, loc_range]^2", _positive)
+    location_frame: Literal["aligned", "minmax"] = _opt(
+        "aligned", "aligned: principal axes, aspect kept, bounding-box area loc_range^2 (unit and orientation "
+                   "free); minmax: each axis scaled to [0, loc_range] (the original)")
     gp_n_obs: Literal["all", "train"] = _opt("all", "N of the N/b GP rescaling: all spots (original) or the "
                                                     "training split")
     dtype: Literal["float32", "float64"] = _opt("float32", "dtype of the networks (the GP algebra is float64)")
@@ -215,6 +218,7 @@ class ExperimentConfig:
                 "decoder_layers": tuple(m.decoder_layers), "kernel": m.kernel, "kernel_scale": m.kernel_scale,
                 "fix_kernel_scale": m.fix_kernel_scale, "inducing": m.inducing, "inducing_steps": m.inducing_steps,
                 "n_inducing": m.n_inducing, "learn_inducing": m.learn_inducing, "loc_range": m.loc_range,
+                "location_frame": m.location_frame,
                 "dropout": m.dropout, "gp_n_obs": m.gp_n_obs, "dtype": m.dtype, "device": self.trainer.device,
                 "seed": self.trainer.seed}
 

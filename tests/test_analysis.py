@@ -258,8 +258,8 @@ def test_enhance_returns_5n_subspots_in_the_training_frame(fitted, tmp_path):
     scaled = model.data.locations.numpy()
     assert delta == pytest.approx(np.median(cKDTree(scaled).query(scaled, k=2)[0][:, 1]) / 4)
     left_up = (out.obs["offset"] == "left_up").to_numpy()
-    step = delta * model.setup.frames[0].span / model.setup.frames[0].loc_range  # delta mapped back to the raw frame, per axis
-    np.testing.assert_allclose(out.obsm["spatial"][left_up] - adata.obsm["spatial"], np.tile(step * [-1, 1], (n, 1)))
+    expected = model.setup.unscale_locations(scaled + delta * np.array([-1.0, 1.0]))  # the offset in the model frame
+    np.testing.assert_allclose(out.obsm["spatial"][left_up], expected)
     assert out.obsm["X_spavae"].shape == (5 * n, model.module.n_latent) and (out.X > 0).all()
     out.write_h5ad(tmp_path / "enhanced.h5ad")
 

@@ -9,7 +9,7 @@ from sklearn.cluster import KMeans
 import spavae
 from spavae.analysis import refine_labels, score_clustering
 from spavae.data import (
-    LocationScaler,
+    LocationFrame,
     filter_empty,
     grid_inducing_points,
     kmeans_inducing_points,
@@ -185,9 +185,10 @@ def test_preprocessing_matches_its_definition():
 
 def test_location_scaling_and_inducing_points():
     locations = np.array([[0.0, 10.0], [5.0, 30.0], [10.0, 20.0]])
-    scaler = LocationScaler(20.0).fit(locations)
+    scaler = LocationFrame("minmax", 20.0).fit(locations)
     np.testing.assert_allclose(scaler.transform(locations), [[0, 0], [10, 20], [20, 10]])
     np.testing.assert_allclose(scaler.transform([[2.5, 15.0]]), [[5.0, 5.0]])
+    np.testing.assert_allclose(scaler.inverse_transform(scaler.transform(locations)), locations)
     grid = grid_inducing_points(6, 20.0)
     assert grid.shape == (49, 2)
     np.testing.assert_allclose(grid[:3], [[0, 0], [0, 20 / 6], [0, 40 / 6]])

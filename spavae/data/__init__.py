@@ -1,8 +1,8 @@
 """Data in: readers, checks, preprocessing, inducing points and the simulator."""
 
+from spavae.data.frame import LocationFrame
 from spavae.data.inducing import grid_inducing_points, kmeans_inducing_points
 from spavae.data.preprocess import (
-    LocationScaler,
     check_counts,
     filter_empty,
     normalize_log_scale,
@@ -14,7 +14,7 @@ from spavae.data.spatialdata_io import read_spatialdata, write_spatialdata
 from spavae.data.tenx import read_10x_h5, read_visium, read_visium_hd, read_xenium
 
 __all__ = [
-    "LocationScaler",
+    "LocationFrame",
     "check_counts",
     "detect_format",
     "filter_empty",

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from sklearn.cluster import KMeans
 
 
-def grid_inducing_points(steps: int, loc_range: float = 20.0) -> np.ndarray:
-    """The ``(steps + 1)**2`` grid over ``[0, loc_range]**2``; the first coordinate varies slowest."""
+def grid_inducing_points(steps: int, extent: float | Sequence[float] = 20.0) -> np.ndarray:
+    """An even grid of about ``(steps + 1)**2`` points over ``[0, width] x [0, height]``, corners included.
+
+    A square ``extent`` (one number, or equal sides) gives exactly the original's ``(steps + 1)**2`` grid. For a
+    rectangle the spacing ``h`` solves ``(width / h + 1)(height / h + 1) = (steps + 1)**2`` and each side gets
+    ``round(side / h) + 1`` points (at least 2), evenly spaced, so a 3:1 section is covered evenly instead of
+    being squeezed into a square. The first coordinate varies slowest.
+    """
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"inducing_steps must be a positive integer, got {steps!r}")
-    axis = np.linspace(0.0, loc_range, steps + 1)
-    first, second = np.meshgrid(axis, axis, indexing="ij")
+    width, height = np.broadcast_to(np.asarray(extent, dtype=np.float64), (2,))
+    if not (width > 0 and height > 0):
+        raise ValueError(f"the grid's extent must be positive, got {extent!r}")
+    n = (steps + 1) ** 2
+    inverse_spacing = (-(width + height) + np.sqrt((width + height) ** 2 + 4 * width * height * (n - 1))) \
+        / (2 * width * height)
+    counts = [max(2, int(round(side * inverse_spacing)) + 1) for side in (width, height)]
+    first, second = np.meshgrid(np.linspace(0.0, width, counts[0]), np.linspace(0.0, height, counts[1]), indexing="ij")
     return np.column_stack([first.ravel(), second.ravel()])
 
 

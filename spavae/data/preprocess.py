@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
@@ -148,46 +147,3 @@ def normalize_log_scale(counts, factors: np.ndarray) -> np.ndarray:
     sd = logged.std(axis=0, ddof=1) if logged.shape[0] > 1 else np.zeros_like(mean)
     sd[sd <= 1e-10 * np.maximum(1.0, np.abs(mean))] = 1.0  # constant genes (up to round-off) stay at 0
     return (logged - mean) / sd
-
-
-@dataclass
-class LocationScaler:
-    """Per-axis min-max scaling of locations to ``[0, loc_range]`` (ALGORITHM 1.4).
-
-    The fitted minimum and range are kept so that new locations (interpolation, enhancement) are
-    mapped into the same coordinate frame as the training spots.
-    """
-
-    loc_range: float = 20.0
-    minimum: np.ndarray | None = None
-    span: np.ndarray | None = None
-
-    def fit(self, locations: np.ndarray) -> LocationScaler:
-        """Learn the per-axis minimum and span of ``locations``."""
-        locations = np.asarray(locations, dtype=np.float64)
-        if self.loc_range <= 0:
-            raise ValueError(f"loc_range must be positive, got {self.loc_range}")
-        self.minimum = locations.min(axis=0)
-        self.span = locations.max(axis=0) - self.minimum
-        if (self.span <= 0).any():
-            raise ValueError(
-                f"all spots share the same coordinate on axis {int(np.argmin(self.span))}; "
-                "spavae needs 2-D spot locations that vary along both axes"
-            )
-        return self
-
-    def transform(self, locations: np.ndarray) -> np.ndarray:
-        """Scale ``locations`` with the fitted minimum and span."""
-        if self.minimum is None:
-            raise RuntimeError("LocationScaler.fit must be called before transform")
-        return (np.asarray(locations, dtype=np.float64) - self.minimum) / self.span * self.loc_range
-
-    def inverse_transform(self, scaled: np.ndarray) -> np.ndarray:
-        """Map scaled locations back to the original coordinates."""
-        if self.minimum is None:
-            raise RuntimeError("LocationScaler.fit must be called before inverse_transform")
-        return self.minimum + np.asarray(scaled, dtype=np.float64) / self.loc_range * self.span
-
-    def fit_transform(self, locations: np.ndarray) -> np.ndarray:
-        """Fit then transform."""
-        return self.fit(locations).transform(locations)

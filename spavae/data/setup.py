@@ -6,7 +6,7 @@ and keeps everything the model's inputs are computed from (ALGORITHM 1.2-1.5):
 * the model's genes and their order (after optional highly-variable-gene selection, :mod:`spavae.data.genes`);
 * the size-factor reference (the median library size of the training spots: ``s_i = n_i / median``);
 * the per-gene mean and SD of ``log1p(counts / s)`` that z-score the encoder input (and those of the proteins);
-* the location frame of each section (:class:`~spavae.data.preprocess.LocationScaler`) and the section names;
+* the location frame of each section (:class:`~spavae.data.frame.LocationFrame`) and the section names;
 * the inducing points.
 
 The setup is saved in the model file and applied unchanged by ``load``, prediction, denoising and every analysis,
@@ -26,7 +26,8 @@ import pandas as pd
 
 from spavae.data.counts import count_matrix, row_chunks
 from spavae.data.inducing import grid_inducing_points, kmeans_inducing_points
-from spavae.data.preprocess import LocationScaler, check_count_block, check_locations
+from spavae.data.frame import FRAMES, LocationFrame
+from spavae.data.preprocess import check_count_block, check_locations
 from spavae.utils import check_number
 
 logger = logging.getLogger("spavae")
@@ -83,7 +84,7 @@ class DataSetup:
     library_median: float
     expression_mean: np.ndarray
     expression_sd: np.ndarray
-    frames: list[LocationScaler]
+    frames: list[LocationFrame]
     inducing_points: np.ndarray
     gene_selection: dict | None = None
     protein_background: np.ndarray | None = None
@@ -92,8 +93,9 @@ class DataSetup:
     @classmethod
     def fit(cls, adata: ad.AnnData, *, layer: str | None = None, spatial_key: str = "spatial",
             batch_key: str | None = None, protein_key: str | None = None, likelihood: str = "nb",
-            n_top_genes: int | str | None = "auto", loc_range: float = 20.0, inducing: str = "auto",
-            inducing_steps: int = 6, n_inducing: int | None = None, seed: int = 0) -> DataSetup:
+            n_top_genes: int | str | None = "auto", loc_range: float = 20.0, location_frame: str = "aligned",
+            inducing: str = "auto", inducing_steps: int = 6, n_inducing: int | None = None,
+            seed: int = 0) -> DataSetup:
         """Fit the setup on the training AnnData (see :class:`~spavae.SpaVAE` for the parameters).
 
         Raises a one-line error naming the problem and its fix for anything the model cannot use: missing keys,
@@ -105,6 +107,8 @@ class DataSetup:
             raise ValueError(f"likelihood must be 'nb' or 'bernoulli', got {likelihood!r}")
         if inducing not in ("auto", "grid", "kmeans"):
             raise ValueError(f"inducing must be 'auto', 'grid' or 'kmeans', got {inducing!r}")
+        if location_frame not in FRAMES:
+            raise ValueError(f"location_frame must be one of {list(FRAMES)}, got {location_frame!r}")
         if adata.n_obs < MIN_SPOTS:
             raise ValueError(f"adata has {adata.n_obs} spots; spavae needs at least {MIN_SPOTS} to fit a spatial model")
         _unique_names(pd.Index(adata.obs_names), "spot", "adata.obs_names_make_unique()")
@@ -135,10 +139,10 @@ class DataSetup:
         codes = np.zeros(adata.n_obs, dtype=int) if sections is None else \
             pd.Categorical(adata.obs[batch_key].astype(str), categories=sections).codes
         for index in range(1 if sections is None else len(sections)):
-            frame = LocationScaler(loc_range).fit(locations[codes == index])
+            frame = LocationFrame(location_frame, loc_range).fit(locations[codes == index])
             frames.append(frame)
             if method == "grid":
-                section_points = grid_inducing_points(inducing_steps, loc_range)
+                section_points = grid_inducing_points(inducing_steps, frame.extent)
             else:
                 scaled = frame.transform(locations[codes == index])
                 if n_inducing is not None and n_inducing > len(scaled):
@@ -227,7 +231,7 @@ class DataSetup:
         """Apply each section's frame (or its inverse) to that section's rows."""
         values = np.asarray(values, dtype=np.float64)
 
-        def apply(frame: LocationScaler, rows: np.ndarray) -> np.ndarray:
+        def apply(frame: LocationFrame, rows: np.ndarray) -> np.ndarray:
             return frame.inverse_transform(rows) if inverse else frame.transform(rows)
 
         if codes is None:
@@ -255,14 +259,14 @@ class DataSetup:
     def to_dict(self) -> dict:
         """Plain Python/NumPy values (for the model file)."""
         out = dataclasses.asdict(self)
-        out["frames"] = [{"loc_range": f.loc_range, "minimum": f.minimum, "span": f.span} for f in self.frames]
+        out["frames"] = [f.to_dict() for f in self.frames]
         return out
 
     @classmethod
     def from_dict(cls, values: dict) -> DataSetup:
         """Inverse of :meth:`to_dict`."""
         values = dict(values)
-        values["frames"] = [LocationScaler(**frame) for frame in values["frames"]]
+        values["frames"] = [LocationFrame.from_dict(frame) for frame in values["frames"]]
         return cls(**values)
 
 

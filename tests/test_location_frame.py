@@ -1,0 +1,129 @@
+"""The location frame: the same model whatever the units, orientation, mirroring or spot pitch of the input."""
+
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+from sklearn.metrics import adjusted_rand_score
+
+import spavae
+from spavae.analysis import cluster_kmeans, visium_array_to_xy
+from spavae.data import LocationFrame, grid_inducing_points, simulate_spatial_counts
+from spavae.data.frame import looks_like_visium_array
+from spavae.data.setup import DataSetup
+from spavae.data.simulate import hex_grid
+
+
+def rotate(locations: np.ndarray, degrees: float) -> np.ndarray:
+    angle = np.deg2rad(degrees)
+    rotation = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
+    return locations @ rotation
+
+
+def without_a_corner(adata):
+    """The section minus one corner: no mirror symmetry, so the principal axes and their signs are well defined
+    (a symmetric section is its own mirror image, where any of the symmetric frames is as good)."""
+    x, y = (adata.obsm["spatial"] - adata.obsm["spatial"].min(0)).T
+    return adata[x + 2 * y > 0.3 * (x.max() + 2 * y.max())].copy()
+
+
+def test_rotation_mirror_translation_and_units_give_the_same_frame():
+    locations = without_a_corner(simulate_spatial_counts(n_rows=12, n_cols=20)).obsm["spatial"]
+    reference = LocationFrame().fit_transform(locations)
+    for moved in (rotate(locations, 30.0) + [1e4, -50.0], locations * [-1.0, 1.0], 7.3 * rotate(locations, 200.0)):
+        np.testing.assert_allclose(LocationFrame().fit_transform(moved), reference, atol=1e-9)
+    # the per-axis frame of the original is not: a rotation changes it
+    minmax = LocationFrame("minmax").fit_transform(locations)
+    assert np.abs(LocationFrame("minmax").fit_transform(rotate(locations, 30.0)) - minmax).max() > 1.0
+
+
+def bins(width: float, height: float, pitch: float) -> np.ndarray:
+    """Square bins (Visium HD-like) covering a width x height rectangle."""
+    xs, ys = np.meshgrid(np.arange(0, width + 1e-9, pitch), np.arange(0, height + 1e-9, pitch), indexing="ij")
+    return np.column_stack([xs.ravel(), ys.ravel()])
+
+
+def test_aspect_is_kept_and_area_fixed():
+    rectangle = bins(3000.0, 1000.0, 50.0)  # microns, 3:1
+    frame = LocationFrame(size=20.0).fit(rectangle)
+    width, height = frame.extent
+    assert width / height == pytest.approx(3.0)
+    assert width * height == pytest.approx(400.0)
+    # distances are scaled by one factor: the frame is a similarity transform of the input
+    scaled = frame.transform(rectangle)
+    ratio = np.linalg.norm(scaled[1:] - scaled[:-1], axis=1) / np.linalg.norm(rectangle[1:] - rectangle[:-1], axis=1)
+    np.testing.assert_allclose(ratio, ratio[0])
+    np.testing.assert_allclose(frame.inverse_transform(scaled), rectangle, atol=1e-9)
+
+
+def test_a_three_to_one_rectangle_gets_evenly_spread_inducing_points():
+    rectangle = bins(3000.0, 1000.0, 8.0)
+    frame = LocationFrame().fit(rectangle)
+    points = grid_inducing_points(6, frame.extent)
+    assert 40 <= len(points) <= 55
+    xs, ys = np.unique(points[:, 0].round(9)), np.unique(points[:, 1].round(9))
+    spacing_x, spacing_y = np.diff(xs).mean(), np.diff(ys).mean()
+    assert spacing_x == pytest.approx(spacing_y, rel=0.25)  # square cells, not a squeezed square grid
+    assert len(xs) > 2 * len(ys)
+    # every spot is close to an inducing point, everywhere along the long side
+    distance, _ = cKDTree(points).query(frame.transform(rectangle))
+    assert distance.max() <= 0.75 * max(spacing_x, spacing_y)
+    # a square extent is the original grid exactly
+    np.testing.assert_allclose(grid_inducing_points(6, (20.0, 20.0)), grid_inducing_points(6, 20.0))
+    assert len(grid_inducing_points(6, 20.0)) == 49
+
+
+def test_visium_array_indices_are_put_on_their_lattice():
+    rows, cols = np.meshgrid(np.arange(10, 40), np.arange(20, 80), indexing="ij")
+    keep = (rows + cols) % 2 == 0
+    array = np.column_stack([rows[keep], cols[keep]]).astype(float)
+    assert looks_like_visium_array(array)
+    assert not looks_like_visium_array(array + [0, 1])  # parity broken
+    assert not looks_like_visium_array(array * 10)  # outside a capture area
+    frame = LocationFrame().fit(array)
+    assert frame.visium_array
+    scaled = frame.transform(array)
+    distances, _ = cKDTree(scaled).query(scaled, k=7)
+    interior = distances[:, 6] < 1.01 * distances[:, 1]  # spots with six neighbours at one distance
+    assert interior.mean() > 0.8
+    # the same frame as the isotropic lattice coordinates would give
+    np.testing.assert_allclose(scaled, LocationFrame().fit_transform(visium_array_to_xy(array)), atol=1e-9)
+
+
+def test_frames_of_older_model_files_still_load():
+    frame = LocationFrame.from_dict({"loc_range": 20.0, "minimum": np.array([1.0, 2.0]), "span": np.array([4.0, 8.0])})
+    np.testing.assert_allclose(frame.transform([[5.0, 10.0], [1.0, 2.0]]), [[20.0, 20.0], [0.0, 0.0]])
+    again = LocationFrame.from_dict(LocationFrame().fit(hex_grid(5, 6)).to_dict())
+    np.testing.assert_allclose(again.transform(hex_grid(5, 6)), LocationFrame().fit_transform(hex_grid(5, 6)))
+
+
+@pytest.mark.slow
+def test_a_rotated_or_mirrored_section_trains_to_the_same_losses_and_latent():
+    """Rotating by 30 degrees or mirroring the coordinates changes nothing (float64, grid inducing points)."""
+    adata = without_a_corner(simulate_spatial_counts(n_rows=12, n_cols=16, n_genes=60, seed=3))
+    results = []
+    for locations in (adata.obsm["spatial"], rotate(adata.obsm["spatial"], 30.0),
+                      adata.obsm["spatial"] * [1.0, -1.0]):
+        moved = adata.copy()
+        moved.obsm["spatial"] = locations
+        model = spavae.SpaVAE(moved, dtype="float64", seed=0).train(max_epochs=4, progress=False)
+        results.append((model.history[["train_loss", "val_loss"]].to_numpy(), model.get_latent_representation()))
+    for history, latent in results[1:]:
+        np.testing.assert_allclose(history, results[0][0], rtol=1e-5)
+        np.testing.assert_allclose(latent, results[0][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_one_tissue_sampled_at_two_spacings_gives_the_same_domains():
+    """The frame is tied to the tissue's extent: the same simulated tissue at two spot pitches (400 and 1,600 spots,
+    pitch 1 and 1/2 in the same units) gives the same domains (ARI >= 0.9 after transfer to the coarse spots)."""
+    coarse = simulate_spatial_counts(n_rows=20, n_cols=20, marker_lfc=1.0, seed=5)
+    fine = simulate_spatial_counts(n_rows=40, n_cols=40, marker_lfc=1.0, seed=5)
+    fine.obsm["spatial"] = fine.obsm["spatial"] / 2.0
+    labels = []
+    for adata in (coarse, fine):
+        model = spavae.SpaVAE(adata, seed=0).train(max_epochs=150, progress=False)
+        labels.append(cluster_kmeans(model.get_latent_representation(), 5, n_init=10))
+    _, nearest = cKDTree(fine.obsm["spatial"]).query(coarse.obsm["spatial"])
+    assert adjusted_rand_score(labels[0], labels[1][nearest]) >= 0.9
+    setups = [DataSetup.fit(a) for a in (coarse, fine)]
+    np.testing.assert_allclose(setups[0].inducing_points, setups[1].inducing_points, atol=0.5)
