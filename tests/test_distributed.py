@@ -180,7 +180,7 @@ def test_killed_two_rank_run_resumes_as_if_uninterrupted(two_ranks):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(Path(spavae.__file__).parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]))
     result = subprocess.run([sys.executable, "-m", "spavae.cli", "resume", str(killed.root), "--devices", "2",
-                             "--no-evaluate"], capture_output=True, text=True, env=env, timeout=240)
+                             "--no-evaluate"], capture_output=True, text=True, env=env, timeout=240, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming {killed.root} from checkpoint-epoch{KILL_AFTER_EPOCH}.pth on 2 processes" in result.stderr
     resumed = pd.read_csv(killed.history).drop(columns="seconds")
