@@ -8,8 +8,6 @@ the epoch-2 checkpoint is on disk. The killed run is then finished with ``spavae
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import spavae
-from spavae import experiment
+from spavae import cli, experiment
 from spavae.beta import PIController
 from spavae.config import config_from_dict
 from spavae.train import Trainer, split_indices
@@ -172,17 +170,17 @@ def test_ranks_end_with_identical_weights_and_beta(two_ranks):
     assert first["history"][-1]["beta"] != first["history"][0]["beta"]  # the controller did move
 
 
-def test_killed_two_rank_run_resumes_as_if_uninterrupted(two_ranks):
-    """`spavae resume --devices 2` continues the killed run from its newest checkpoint (epoch 2) and ends with the
-    history and weights of the uninterrupted run."""
+def test_killed_two_rank_run_resumes_as_if_uninterrupted(two_ranks, capfd, monkeypatch):
+    """`spavae resume --devices 2` (torchrun, started by the command line in this process) continues the killed run
+    from its newest checkpoint (epoch 2) and ends with the history and weights of the uninterrupted run."""
     killed, full = experiment.RunFolder(two_ranks / "killed"), experiment.RunFolder(two_ranks / "full")
     assert [epoch for epoch, _ in killed.checkpoints()] == list(range(1, KILL_AFTER_EPOCH + 1))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(  # the ranks import the spavae under test
         [str(Path(spavae.__file__).parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    result = subprocess.run([sys.executable, "-m", "spavae.cli", "resume", str(killed.root), "--devices", "2",
-                             "--no-evaluate"], capture_output=True, text=True, env=env, timeout=240, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming {killed.root} from checkpoint-epoch{KILL_AFTER_EPOCH}.pth on 2 processes" in result.stderr
+    code = cli.main(["resume", str(killed.root), "--devices", "2", "--no-evaluate"])
+    stderr = capfd.readouterr().err
+    assert code == 0, stderr[-3000:]
+    assert f"resuming {killed.root} from checkpoint-epoch{KILL_AFTER_EPOCH}.pth on 2 processes" in stderr
     resumed = pd.read_csv(killed.history).drop(columns="seconds")
     uninterrupted = pd.read_csv(full.history).drop(columns="seconds")
     assert list(resumed["epoch"]) == [1, 2, 3, 4]
