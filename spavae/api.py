@@ -216,6 +216,10 @@ class SpaVAE:
         (or, without validation, the last good ones). Then the GP posterior q(u) given all spots is computed once
         and kept: latents, denoising, prediction and the saved model use it.
 
+        In a process of an initialised ``torch.distributed`` group (e.g. started by ``torchrun``), every rank of the
+        group trains this one model data-parallel on its share of each mini-batch (``batch_size`` is the global
+        batch; see :mod:`spavae.distributed`); build it with the same data, setup and seed on every rank.
+
         Parameters
         ----------
         max_epochs

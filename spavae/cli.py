@@ -5,7 +5,8 @@
 * ``spavae train -c CONFIG`` trains an experiment config into ``<save_dir>/<name>/`` (checkpoints, logs,
   TensorBoard events) and evaluates it; ``spavae resume RUN_DIR`` continues an interrupted run from its last
   checkpoint; ``spavae evaluate RUN_DIR`` writes the latent, domains, scores and figures of a run
-  (see docs/experiments.md);
+  (see docs/experiments.md); with ``--devices N``, train and resume train one model data-parallel over N
+  processes started with torchrun (see docs/distributed.md);
 * ``spavae domains|de|svg|predict|enhance SOURCE`` run the analyses on a trained run (a ``spavae run`` folder, a
   ``spavae train`` run folder, or a results .h5ad with ``--model``) and write tables and figures
   (see docs/cli.md).
@@ -27,6 +28,7 @@ import torch
 from scipy import sparse
 
 import spavae
+from spavae import distributed
 from spavae.analysis import (
     choose_n_domains,
     cluster_kmeans,
@@ -109,6 +111,17 @@ def n_domains_value(text: str) -> int | str:
     return value
 
 
+def devices_value(text: str) -> int:
+    """``--devices N``: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of processes, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def k_range_value(text: str) -> range:
     """``--k-range LOW:HIGH`` (both included) as a ``range``."""
     low, sep, high = text.partition(":")
@@ -164,6 +177,8 @@ def _add_experiment_commands(sub) -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     log_help = ("JSON logging.config.dictConfig file replacing the default logging (console + log/train.log); "
                 "relative handler filenames are placed in the run's log/ folder")
+    devices_help = ("train one model data-parallel over N processes on this machine (torchrun; gloo on CPU, one GPU "
+                    "per process with nccl); the batch size stays the global one (docs/distributed.md)")
     train = sub.add_parser(
         "train", help="train an experiment config into <save_dir>/<name>/, then evaluate it", formatter_class=formatter,
         description="Validate CONFIG (JSON, or YAML with PyYAML), train it and write the run folder:\n"
@@ -183,6 +198,7 @@ def _add_experiment_commands(sub) -> None:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     train.add_argument("--no-evaluate", action="store_true", help="do not evaluate the run after training")
     train.add_argument("--quiet", action="store_true", help="no progress bar (sets trainer.progress to false)")
+    train.add_argument("--devices", type=devices_value, default=1, metavar="N", help=devices_help)
     train.set_defaults(handler=train_command)
     resume = sub.add_parser(
         "resume", help="continue an interrupted run from its newest checkpoint, then evaluate it",
@@ -194,6 +210,7 @@ def _add_experiment_commands(sub) -> None:
     resume.add_argument("run_dir", metavar="RUN_DIR", help="the run folder, e.g. experiments/151507")
     resume.add_argument("--log-config", metavar="FILE", help=log_help)
     resume.add_argument("--no-evaluate", action="store_true", help="do not evaluate the run after training")
+    resume.add_argument("--devices", type=devices_value, default=1, metavar="N", help=devices_help)
     resume.set_defaults(handler=resume_command)
     evaluate = sub.add_parser(
         "evaluate", help="latent, domains, scores and figures of a trained run", formatter_class=formatter,
@@ -707,6 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``spavae`` command."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if getattr(args, "devices", 1) > 1 and not distributed.launched():  # the ranks started here see torchrun's env
+        return distributed.launch(args.devices, sys.argv[1:] if argv is None else argv)
     try:
         args.handler(args)
     except (ValueError, KeyError, OSError, ImportError, FloatingPointError) as err:

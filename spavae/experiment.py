@@ -13,11 +13,16 @@ A run lives in ``<save_dir>/<name>/``::
 
 Every file is written atomically (a temporary file renamed into place), so a killed run leaves its last
 checkpoint readable and :func:`resume` continues from it exactly.
+
+Under ``torchrun`` (``spavae train --devices N``) :func:`train` and :func:`resume` train one model data-parallel
+over the ranks (:mod:`spavae.distributed`): rank 0 makes the run folder, fits the data setup, picks the checkpoint
+and writes every file and log; each rank reads the data itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import logging.config
@@ -50,6 +55,8 @@ from spavae.api import SpaVAE
 from spavae.config import ExperimentConfig, load_config
 from spavae.data import filter_empty, normalize_log_scale, read, size_factors
 from spavae.data.readers import LABEL_KEY
+from spavae.data.setup import DataSetup
+from spavae.distributed import Communicator, session
 from spavae.train import Trainer
 from spavae.utils import atomic_path
 
@@ -174,17 +181,34 @@ def run_logging(run: RunFolder, log_config: str | os.PathLike | None = None) -> 
 
 
 class Recorder:
-    """Per-epoch trainer callback: log line, TensorBoard scalars, best model and periodic checkpoints."""
+    """Per-epoch trainer callback: log line, TensorBoard scalars, best model and periodic checkpoints.
 
-    def __init__(self, model: SpaVAE, config: ExperimentConfig, run: RunFolder, start_epoch: int):
-        from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+    In data-parallel training every rank calls it (a checkpoint gathers the random states of all ranks) and rank 0
+    alone writes.
+    """
 
+    def __init__(self, model: SpaVAE, config: ExperimentConfig, run: RunFolder, start_epoch: int,
+                 communicator: Communicator | None = None):
         self.model, self.config, self.run = model, config, run
-        # purge_step drops events a killed run wrote after its last checkpoint, so curves do not double up
-        self.writer = SummaryWriter(str(run.log), purge_step=start_epoch + 1 if start_epoch else None)
+        self.is_main = communicator is None or communicator.is_main
+        self.writer = None
+        if self.is_main:
+            from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+
+            # purge_step drops events a killed run wrote after its last checkpoint, so curves do not double up
+            self.writer = SummaryWriter(str(run.log), purge_step=start_epoch + 1 if start_epoch else None)
         self.saved: tuple[int, str | None] | None = None
 
     def __call__(self, trainer: Trainer, record: dict) -> None:
+        epoch = record["epoch"]
+        stop = trainer.state.stop_reason is not None or epoch >= self.config.trainer.max_epochs
+        if self.is_main:
+            self._record(trainer, record)
+        if stop or epoch % self.config.trainer.checkpoint_every == 0:
+            self.checkpoint(trainer)
+
+    def _record(self, trainer: Trainer, record: dict) -> None:
+        """Event scalars, the log line and the best model of one epoch."""
         epoch = record["epoch"]
         for split, prefix in (("train", "train_"), ("validation", "val_")):
             for column, tag in TB_PARTS.items():
@@ -196,9 +220,6 @@ class Recorder:
         logger.debug("epoch %d: %s", epoch, ", ".join(f"{k} {v:.6g}" for k, v in record.items() if k != "epoch"))
         if trainer.has_validation and trainer.state.best_epoch == epoch:
             self._save_model(trainer, self.run.best)
-        stop = trainer.state.stop_reason is not None or epoch >= self.config.trainer.max_epochs
-        if stop or epoch % self.config.trainer.checkpoint_every == 0:
-            self.checkpoint(trainer)
 
     def _save_model(self, trainer: Trainer, path: Path) -> None:
         """The module's current weights as a :meth:`SpaVAE.save` file (usable by :meth:`SpaVAE.load`)."""
@@ -211,11 +232,13 @@ class Recorder:
         state = trainer.state
         payload = {"format": CHECKPOINT_FORMAT, "spavae": spavae.__version__, "epoch": state.epoch,
                    "config": self.config.to_dict(), "trainer": trainer.state_dict()}
+        self.saved = (state.epoch, state.stop_reason)
+        if not self.is_main:
+            return
         with atomic_path(self.run.checkpoint_file(state.epoch)) as tmp:
             torch.save(payload, tmp)
         with atomic_path(self.run.history) as tmp:
             pd.DataFrame(state.history).to_csv(tmp, index=False)
-        self.saved = (state.epoch, state.stop_reason)
         logger.info("saved checkpoint-epoch%d.pth", state.epoch)
         keep = self.config.trainer.keep_checkpoints
         if keep is not None:
@@ -227,9 +250,14 @@ class Recorder:
         ``model_best.pth`` when there is no validation set, and close the event file."""
         if self.saved != (trainer.state.epoch, trainer.state.stop_reason):
             self.checkpoint(trainer)
-        if not trainer.has_validation:
+        if not trainer.has_validation and self.is_main:
             self._save_model(trainer, self.run.best)
-        self.writer.close()
+        self.close()
+
+    def close(self) -> None:
+        """Close the event file (rank 0)."""
+        if self.writer is not None:
+            self.writer.close()
 
 
 # ---------------------------------------------------------------------- train / resume
@@ -250,14 +278,31 @@ def train(config: ExperimentConfig, *, log_config: str | os.PathLike | None = No
     """
     run = RunFolder(Path(config.save_dir) / config.name)
     _read_log_config(log_config)  # before the run folder is made
+    with session(config.trainer.device) as communicator:
+        communicator.on_main(_clear_run_folder, run, overwrite)
+        if config.data.path is not None:
+            config.data.path = str(Path(config.data.path).resolve())
+        adata = load_data(config)
+        communicator.on_main(_start_run_folder, run, config, adata)
+        with _rank_logging(run, log_config, communicator):
+            logger.info("spavae %s: run %s, data %s", spavae.__version__, run.root, config.data.path)
+            if communicator.world_size > 1:
+                logger.info("data-parallel training over %d processes", communicator.world_size)
+            _fit(config, run, adata, None, communicator)
+    if evaluate_after and communicator.is_main:
+        evaluate(run.root, log_config=log_config)
+    return run
+
+
+def _clear_run_folder(run: RunFolder, overwrite: bool) -> None:
     if run.root.exists() and any(run.root.iterdir()):
         if not overwrite:
             raise FileExistsError(f"run folder {run.root} already exists: continue it with `spavae resume {run.root}`, "
                                   "pick another name (--name) or replace it (--overwrite)")
         shutil.rmtree(run.root)
-    if config.data.path is not None:
-        config.data.path = str(Path(config.data.path).resolve())
-    adata = load_data(config)
+
+
+def _start_run_folder(run: RunFolder, config: ExperimentConfig, adata: ad.AnnData) -> None:
     run.checkpoint.mkdir(parents=True, exist_ok=True)
     config.save(run.config)
     if config.data.test_size > 0:
@@ -265,12 +310,12 @@ def train(config: ExperimentConfig, *, log_config: str | os.PathLike | None = No
         with atomic_path(run.split) as tmp:
             tmp.write_text(json.dumps({"test_size": config.data.test_size, "seed": config.data.test_seed,
                                        "test_spots": test_spots}))
-    with run_logging(run, log_config):
-        logger.info("spavae %s: run %s, data %s", spavae.__version__, run.root, config.data.path)
-        _fit(config, run, adata, None)
-    if evaluate_after:
-        evaluate(run.root, log_config=log_config)
-    return run
+
+
+def _rank_logging(run: RunFolder, log_config: str | os.PathLike | None,
+                  communicator: Communicator) -> contextlib.AbstractContextManager:
+    """:func:`run_logging` on rank 0; the other ranks log nowhere new."""
+    return run_logging(run, log_config) if communicator.is_main else contextlib.nullcontext()
 
 
 def latest_checkpoint(run: RunFolder) -> dict:
@@ -295,16 +340,17 @@ def resume(run_dir: str | os.PathLike, *, log_config: str | os.PathLike | None =
     if not run.config.is_file():
         raise FileNotFoundError(f"{run.root} is not a spavae run folder (no checkpoint/config.json)")
     config = load_config(run.config)
-    with run_logging(run, log_config):
-        checkpoint = latest_checkpoint(run)
+    with session(config.trainer.device) as communicator, _rank_logging(run, log_config, communicator):
+        checkpoint = communicator.on_main(latest_checkpoint, run)
         state = checkpoint["trainer"]["state"]
         if state["stop_reason"] is not None or state["epoch"] >= config.trainer.max_epochs:
             logger.info("run %s already finished at epoch %d (%s); nothing to train", run.root, state["epoch"],
                         state["stop_reason"] or "max_epochs reached")
         else:
-            logger.info("resuming %s from checkpoint-epoch%d.pth", run.root, checkpoint["epoch"])
-            _fit(config, run, load_data(config), checkpoint)
-    if evaluate_after:
+            logger.info("resuming %s from checkpoint-epoch%d.pth%s", run.root, checkpoint["epoch"],
+                        f" on {communicator.world_size} processes" if communicator.world_size > 1 else "")
+            _fit(config, run, load_data(config), checkpoint, communicator)
+    if evaluate_after and communicator.is_main:
         evaluate(run.root, log_config=log_config)
     return run
 
@@ -314,20 +360,29 @@ def _use_threads(config: ExperimentConfig) -> None:
         torch.set_num_threads(config.trainer.threads)
 
 
-def _fit(config: ExperimentConfig, run: RunFolder, adata: ad.AnnData, checkpoint: dict | None) -> SpaVAE:
+def _fit(config: ExperimentConfig, run: RunFolder, adata: ad.AnnData, checkpoint: dict | None,
+         communicator: Communicator) -> SpaVAE:
     _use_threads(config)
     train_adata, _ = _split(adata, run)
-    model = SpaVAE(train_adata, **config.model_kwargs())
-    recorder = Recorder(model, config, run, checkpoint["epoch"] if checkpoint else 0)
+    options = config.model_kwargs()
+    setup = None
+    if communicator.world_size > 1:  # fitted once, on rank 0, so that every rank prepares the spots identically
+        setup_options = {k: v for k, v in options.items() if k in inspect.signature(DataSetup.fit).parameters}
+        setup = communicator.on_main(DataSetup.fit, train_adata, **setup_options)
+    model = SpaVAE(train_adata, setup=setup, **options)
+    recorder = Recorder(model, config, run, checkpoint["epoch"] if checkpoint else 0, communicator)
     start = time.perf_counter()
+    trained = False
     try:
         model.train(**config.train_kwargs(), callbacks=[recorder],
                     resume=checkpoint["trainer"] if checkpoint else None)
+        trained = True
     finally:
-        if hasattr(model, "trainer"):
+        # after a failure of a data-parallel run the other ranks may be gone: no last checkpoint (a collective)
+        if hasattr(model, "trainer") and (trained or communicator.world_size == 1):
             recorder.finish(model.trainer)
         else:
-            recorder.writer.close()
+            recorder.close()
     state = model.trainer.state
     logger.info("training ended at epoch %d (%s) after %.1f s; best validation loss %.4f at epoch %d",
                 state.epoch, state.stop_reason or "max_epochs reached", time.perf_counter() - start,

@@ -43,6 +43,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import kl_divergence
 
+from spavae.distributed import Communicator
 from spavae.gp import GPBatchTerms, SpatialGP
 from spavae.likelihoods import Observation
 from spavae.nn import GaussianEncoder
@@ -133,6 +134,9 @@ class SpaVAEModule(nn.Module):
         Name under which :meth:`model` and :meth:`guide` register the parameters in Pyro's global parameter store
         (``pyro.module``), unique to this instance (``'spavae0'``, ``'spavae1'``, ...), so that two modules in one
         session never share or overwrite each other's parameters there. :meth:`loss` registers nothing.
+    communicator
+        How the GP sees a batch split over processes (:mod:`spavae.distributed`): the single-process identity by
+        default; a data-parallel :class:`~spavae.train.Trainer` sets it.
     """
 
     def __init__(self, n_input: int, gp: SpatialGP, n_gauss: int, n_obs: int, observations: Sequence[Observation], *,
@@ -149,6 +153,7 @@ class SpaVAEModule(nn.Module):
         self.n_gp, self.n_gauss, self.n_input, self.n_obs, self.n_batch = gp.n_latent, n_gauss, n_input, n_obs, n_batch
         self.latent_distribution = latent_distribution
         self.pyro_name = next(_PYRO_NAMES)
+        self.communicator = Communicator()
         self.encoder = encoder or GaussianEncoder(n_input + n_batch, self.n_latent, encoder_layers, dropout=dropout)
         self.observations = nn.ModuleList(observations)
         self.gp = gp
@@ -186,12 +191,17 @@ class SpaVAEModule(nn.Module):
 
     def gp_posterior(self, locations: torch.Tensor, omega: torch.Tensor, phi2: torch.Tensor,
                      n_obs: float | None = None) -> GPBatchTerms:
-        """GP terms of the GP dimensions of ``omega``/``phi2`` at ``locations`` (in the GP dtype)."""
+        """GP terms of the GP dimensions of ``omega``/``phi2`` at ``locations`` (in the GP dtype).
+
+        With a data-parallel :attr:`communicator`, q(u) is conditioned on the rows of every process (gathered with
+        gradients) and the result is this process's share (:meth:`~spavae.gp.GPBatchTerms.share`): the marginals of
+        its own rows and ``1 / world_size`` of the batch sums.
+        """
         gp_dtype = self.gp_dtype
-        return self.gp.batch_terms(
-            locations.to(gp_dtype), omega[:, : self.n_gp].to(gp_dtype), phi2[:, : self.n_gp].to(gp_dtype),
-            self.n_obs if n_obs is None else n_obs,
-        )
+        (x, omega, phi2), rows = self.communicator.gather_rows(
+            locations.to(gp_dtype), omega[:, : self.n_gp].to(gp_dtype), phi2[:, : self.n_gp].to(gp_dtype))
+        terms = self.gp.batch_terms(x, omega, phi2, self.n_obs if n_obs is None else n_obs)
+        return terms.share(rows, self.communicator.world_size)
 
     def posterior(self, expression: torch.Tensor, locations: torch.Tensor, covariates: torch.Tensor | None = None,
                   n_obs: float | None = None) -> Posterior:
@@ -316,6 +326,10 @@ class SpaVAEModule(nn.Module):
         average over the draws. The traces use :meth:`sample_latent` and :meth:`generate`, which register nothing
         in Pyro's parameter store: the training loop optimises ``module.parameters()`` directly.
 
+        With a data-parallel :attr:`communicator`, ``batch`` is this process's share of the global batch and the
+        parts are its share of the global loss (its spots' terms and ``1 / world_size`` of the GP terms): their sum
+        over the processes is the loss of the whole batch.
+
         Parameters
         ----------
         batch
@@ -349,9 +363,8 @@ class SpaVAEModule(nn.Module):
         if noise > 0:
             noise_term = self.noise_regularizer(batch, post, noise, num_samples) * (self.n_input / self.n_gp)
         loss = reconstruction + beta * (kl_gp + kl_gauss) + kl_other + noise_term
-        n = batch.locations.shape[0]
         return LossOutput(loss, reconstruction, kl_gp, kl_gauss, kl_other, noise_term, post.gp.cross_entropy,
-                          post.gp.expected_log_lik - n / self.n_obs * post.gp.kl_u.sum(), n)
+                          post.gp.evidence, batch.locations.shape[0])
 
     def noise_regularizer(self, batch: Batch, post: Posterior, noise: float, num_samples: int = 1) -> torch.Tensor:
         r""":math:`R = \frac1S\sum_s\sum_{i,l\le L}(m_{il} - m'^{(s)}_{il})^2` with :math:`m'` from noisy input."""

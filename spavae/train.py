@@ -19,6 +19,7 @@ from linear_operator.utils.errors import NotPSDError
 from tqdm.auto import tqdm
 
 from spavae.beta import PIController
+from spavae.distributed import Communicator, current_communicator
 from spavae.model import SpaVAEModule
 from spavae.utils import check_number
 
@@ -116,13 +117,20 @@ class Trainer:
         restores the best weights (e.g. to write checkpoints or logs).
     max_steps
         Budget of optimisation steps (``'auto'``: :data:`AUTO_MAX_STEPS`; ``None``: no budget).
+    communicator
+        Data-parallel training across processes (:mod:`spavae.distributed`); default: :func:`current_communicator`
+        (every process of an initialised ``torch.distributed`` group, else this process alone). Every rank then draws
+        the same global mini-batches and trains on its share of them; the module is attached to the communicator
+        (global batch norm and GP conditioning); gradients, the KL of the beta controller, the losses of the history
+        and early stopping are global, and only rank 0 shows a progress bar. ``batch_size`` is the global batch.
     """
 
     def __init__(self, module: SpaVAEModule, data: SpotData, *, lr: float = 1e-3, weight_decay: float = 1e-6,
                  batch_size: int | str = "auto", train_size: float = 0.95, patience: int = 200,
                  beta: PIController | float = 10.0, num_samples: int = 1, noise: float = 0.0,
                  generator: torch.Generator | None = None, lr_scheduler: dict | None = None,
-                 callbacks: Sequence[Callable[[Trainer, dict], None]] = (), max_steps: int | str | None = "auto"):
+                 callbacks: Sequence[Callable[[Trainer, dict], None]] = (), max_steps: int | str | None = "auto",
+                 communicator: Communicator | None = None):
         if batch_size == "auto":
             batch_size = auto_batch_size(len(data))
         if not isinstance(batch_size, int) or batch_size < 2:
@@ -143,6 +151,8 @@ class Trainer:
         self.generator = generator or torch.Generator().manual_seed(0)
         self.train_index, self.val_index = split_indices(len(data), train_size, self.generator)
         self.drop_last = len(self.train_index) > batch_size
+        self.communicator = communicator or current_communicator()
+        self.communicator.attach(module)
         self.optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
                                            weight_decay=weight_decay)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau
@@ -172,8 +182,8 @@ class Trainer:
             stop = min(stop, max_steps * self.batch_size)
         for start in range(0, stop, self.batch_size):
             chunk = index[start:start + self.batch_size]
-            if len(chunk) > 1:  # BatchNorm needs two spots
-                yield chunk
+            if len(chunk) >= max(2, self.communicator.world_size):  # BatchNorm needs two spots, every rank one
+                yield self.communicator.shard(chunk)
 
     def _train_epoch(self) -> dict | None:
         self.module.train()
@@ -184,19 +194,22 @@ class Trainer:
         for index in self._batches(self.train_index, True, self.drop_last, steps):
             out = self.module.loss(self.data.batch(index), self.current_beta, num_samples=self.num_samples,
                                    noise=self.noise)
-            if not torch.isfinite(out.loss):
+            loss, kl, n_spots = self.communicator.sum(torch.stack(
+                [out.loss.detach(), (out.kl_gp + out.kl_gauss).detach(), out.loss.new_tensor(out.n_spots)]))
+            if not torch.isfinite(loss):
                 return None
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            self.communicator.sum_gradients(self.module.parameters())
             grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), math.inf)
             if not torch.isfinite(grad_norm):
                 return None
             self.optimizer.step()
             self.state.step += 1
             if isinstance(self.beta, PIController):
-                self.beta.step(float((out.kl_gp + out.kl_gauss).detach()) / out.n_spots)
+                self.beta.step(float(kl) / float(n_spots))
             _accumulate(sums, out.detached())
-        return _per_spot(sums)
+        return _per_spot(self.communicator.sum_values(sums))
 
     @torch.no_grad()
     def _validate(self) -> dict:
@@ -206,7 +219,7 @@ class Trainer:
             out = self.module.loss(self.data.batch(index), self.current_beta, num_samples=self.num_samples,
                                    noise=self.noise)
             _accumulate(sums, out.detached())
-        return _per_spot(sums)
+        return _per_spot(self.communicator.sum_values(sums))
 
     @property
     def budget_spent(self) -> bool:
@@ -243,7 +256,8 @@ class Trainer:
         check_number("max_epochs", max_epochs, integer=True, low=1)
         state = self.state
         has_validation = self.has_validation
-        bar = tqdm(range(max_epochs), desc="spavae", disable=not progress, unit="epoch", leave=False)
+        bar = tqdm(range(max_epochs), desc="spavae", disable=not progress or not self.communicator.is_main,
+                   unit="epoch", leave=False)
         for _ in bar:
             if state.stop_reason is not None or self.budget_spent:
                 break
@@ -295,17 +309,20 @@ class Trainer:
         """Everything needed to continue training exactly: weights, optimiser, scheduler, beta, RNGs and state.
 
         The tensors are those of the live objects: serialise (``torch.save``) or deep-copy the result before
-        training on.
+        training on. In data-parallel training every rank must call it (it gathers the random states of all ranks,
+        kept under ``rng['ranks']``; the other entries are the same on every rank).
         """
+        ranks = self.communicator.gather_objects(
+            {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+             "numpy": np.random.get_state(), "python": random.getstate()})
+        rng = {"generator": self.generator.get_state(), **ranks[0]} | ({"ranks": ranks} if len(ranks) > 1 else {})
         return {
             "module": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "beta": self.beta.state_dict() if isinstance(self.beta, PIController) else float(self.beta),
             "split": {"train": self.train_index.clone(), "validation": self.val_index.clone()},
-            "rng": {"generator": self.generator.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                    "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng,
             "state": dataclasses.asdict(self.state),
         }
 
@@ -313,7 +330,10 @@ class Trainer:
         """Restore a :meth:`state_dict` into this trainer (built with the same module layout and settings).
 
         The global torch, NumPy and Python random states are restored too, so that the next epochs draw exactly
-        the numbers an uninterrupted run would have drawn.
+        the numbers an uninterrupted run would have drawn. Each rank of a data-parallel run restores its own; when the
+        saved run had another number of ranks, every rank restores rank 0's and :meth:`Communicator.split_random_streams
+        <spavae.distributed.Communicator.split_random_streams>` splits them (training goes on, but the latent draws
+        differ from those of an uninterrupted run).
         """
         split = state["split"]
         if len(split["train"]) != len(self.train_index) or len(split["validation"]) != len(self.val_index):
@@ -334,13 +354,19 @@ class Trainer:
         else:
             self.beta = state["beta"]
         self.train_index, self.val_index = split["train"].clone(), split["validation"].clone()
-        rng = state["rng"]
-        self.generator.set_state(rng["generator"])
+        self.generator.set_state(state["rng"]["generator"])
+        ranks = state["rng"].get("ranks", [state["rng"]])
+        same_ranks = len(ranks) == self.communicator.world_size
+        rng = ranks[self.communicator.rank] if same_ranks else ranks[0]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
+        if not same_ranks:
+            logger.info("the checkpoint was written by %d process(es), this run has %d: the latent draws will differ "
+                        "from those of an uninterrupted run", len(ranks), self.communicator.world_size)
+            self.communicator.split_random_streams()
         self.state = TrainingState(**copy.deepcopy(state["state"]))
 
     def _stop_numerical(self, last_good: dict | None, what: str) -> None:

@@ -226,6 +226,8 @@ class GPBatchTerms:
         :math:`\\sum_{i,l} C_{il}`, the hand-written Pearce term.
     kl_gp
         :math:`C - E_b` with :math:`E_b = \\sum\\ell - (b/N) \\sum_l KL_l`: the GP part of the KL.
+    evidence
+        :math:`E_b`.
     """
 
     mean: torch.Tensor
@@ -234,6 +236,15 @@ class GPBatchTerms:
     kl_u: torch.Tensor
     cross_entropy: torch.Tensor
     kl_gp: torch.Tensor
+    evidence: torch.Tensor
+
+    def share(self, rows: slice, parts: int) -> GPBatchTerms:
+        """The marginals of ``rows`` and ``1 / parts`` of every batch sum: one rank's share of a batch split over
+        ``parts`` ranks (the shares of all ranks add up to the batch's terms). ``parts = 1`` returns ``self``."""
+        if parts == 1:
+            return self
+        return GPBatchTerms(self.mean[rows], self.var[rows], self.expected_log_lik / parts, self.kl_u / parts,
+                            self.cross_entropy / parts, self.kl_gp / parts, self.evidence / parts)
 
 
 class SpatialGP(ApproximateGP):
@@ -347,7 +358,7 @@ class SpatialGP(ApproximateGP):
         mean, var = q_f.mean.T, q_f.variance.T
         cross_entropy = gauss_cross_entropy(mean, var, omega, phi2).sum()
         evidence = expected_log_lik - x.shape[0] / float(n_obs) * kl_u.sum()
-        return GPBatchTerms(mean, var, expected_log_lik, kl_u, cross_entropy, cross_entropy - evidence)
+        return GPBatchTerms(mean, var, expected_log_lik, kl_u, cross_entropy, cross_entropy - evidence, evidence)
 
     @property
     def kernel_scale(self) -> float | None:
