@@ -1,0 +1,97 @@
+"""Small sections and whole transcriptomes: spavae's defaults against a smoothed-PCA baseline.
+
+Usage: python benchmarks/small_sections.py [--dlpfc FILE.h5 ...] [--seeds 3] [--threads T] [--set KEY=VALUE ...]
+
+Cases:
+
+* simulated sections of 200 and 500 spots with 10,000 genes of which 300 carry 5 domains
+  (:func:`spavae.data.simulate.simulate_many_genes_section`, domain log fold change 1.5), one per seed;
+* each ``--dlpfc`` section randomly subsampled to 500 spots (a new subsample per seed).
+
+For each case and seed it trains ``spavae.SpaVAE`` with its defaults (``--set`` passes ``SpaVAE.train`` options),
+clusters the latent with KMeans (k = number of true domains) and scores the ARI; the baseline is PCA (10
+components) of the normalised expression averaged over each spot and its 6 nearest neighbours, then KMeans.
+Prints one JSON line per case and seed, then one summary line per case (means and SDs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.spatial import cKDTree
+from sklearn.decomposition import PCA
+
+import spavae
+from spavae.analysis import cluster_kmeans, score_clustering, visium_array_to_xy
+from spavae.data import filter_empty, normalize_log_scale, size_factors
+from spavae.data.genes import highly_variable_genes
+from spavae.data.simulate import simulate_many_genes_section
+
+
+def smoothed_pca_ari(adata, truth: pd.Series, n_domains: int, lattice: np.ndarray, seed: int) -> float:
+    """PCA (10 components, on 2,000 highly variable genes when there are more) averaged over each spot and its
+    6 nearest neighbours, then KMeans."""
+    counts = adata.X
+    if adata.n_vars > 2000:
+        counts = counts[:, highly_variable_genes(counts, 2000)["highly_variable"].to_numpy()]
+    expression = normalize_log_scale(counts, size_factors(counts))
+    pcs = PCA(10, random_state=seed).fit_transform(expression)
+    _, neighbours = cKDTree(lattice).query(lattice, k=7)
+    return score_clustering(truth, cluster_kmeans(pcs[neighbours].mean(1), n_domains, seed=seed))["ari"]
+
+
+def cases(dlpfc: list[str], seeds: int):
+    """(name, seed, adata, lattice) of every case."""
+    for n_spots in (200, 500):
+        for seed in range(seeds):
+            adata = simulate_many_genes_section(n_spots, 10_000, n_domain_genes=300, domain_lfc=1.5, seed=seed)
+            yield f"sim_{n_spots}x10000", seed, adata, adata.obsm["spatial"]
+    for path in dlpfc:
+        full = filter_empty(spavae.read_spavae_h5(path))
+        for seed in range(seeds):
+            keep = np.sort(np.random.default_rng(seed).choice(full.n_obs, 500, replace=False))
+            adata = filter_empty(full[keep].copy())
+            yield f"{path.rsplit('/', 1)[-1]}_500", seed, adata, visium_array_to_xy(adata.obsm["spatial"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dlpfc", nargs="*", default=[], help="spaVAE-layout .h5 sections to subsample")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="SpaVAE.train option, VALUE read as JSON (repeatable)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    options = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+    rows = []
+    for name, seed, adata, lattice in cases(args.dlpfc, args.seeds):
+        truth = adata.obs["ground_truth"].astype(str)
+        n_domains = int(truth[truth != "NA"].nunique())
+        start = time.perf_counter()
+        model = spavae.SpaVAE(adata, seed=seed).train(progress=False, **options)
+        seconds = time.perf_counter() - start
+        ari = score_clustering(truth, cluster_kmeans(model.get_latent_representation(), n_domains, seed=seed))["ari"]
+        row = {"case": name, "seed": seed, "n_spots": adata.n_obs, "n_genes": adata.n_vars,
+               "model_genes": model.setup.n_genes, "epochs": len(model.history), "steps": model.trainer.state.step,
+               "seconds": round(seconds, 1), "stop_reason": model.trainer.state.stop_reason, "ari": round(ari, 4),
+               "baseline_ari": round(smoothed_pca_ari(adata, truth, n_domains, lattice, seed), 4)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    frame = pd.DataFrame(rows)
+    for name, group in frame.groupby("case", sort=False):
+        print(json.dumps({"case": name, "seeds": len(group), "train_options": options,
+                          "ari": round(group["ari"].mean(), 4), "ari_sd": round(group["ari"].std(ddof=1), 4),
+                          "baseline_ari": round(group["baseline_ari"].mean(), 4),
+                          "baseline_ari_sd": round(group["baseline_ari"].std(ddof=1), 4),
+                          "seconds": round(group["seconds"].mean(), 1), "epochs": round(group["epochs"].mean(), 1),
+                          "threads": args.threads, "spavae": spavae.__version__}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
