@@ -116,7 +116,7 @@ def _call(fn: Callable, threads: int | None, *args) -> TaskResult:
 
 
 def run_tasks(fn: Callable, tasks: Sequence[tuple], *, common: tuple = (), use_ray: bool = True,
-              address: str | None = None, num_cpus: int | None = None, threads_per_task: int = 1,
+              address: str | None = None, num_cpus: int | None = None, threads_per_task: int | None = 1,
               on_result: Callable[[int, TaskResult], None] | None = None) -> list[TaskResult]:
     """``fn(*common, *task)`` for every task, as Ray tasks or in series; a failing task does not stop the others.
 
@@ -134,7 +134,7 @@ def run_tasks(fn: Callable, tasks: Sequence[tuple], *, common: tuple = (), use_r
         See :func:`ray_session`.
     threads_per_task
         Ray CPUs reserved per task and torch threads used by it; at most ``num_cpus / threads_per_task`` tasks
-        run at once.
+        run at once. In series, ``None`` keeps this process's thread setting.
     on_result
         Called as ``on_result(index, result)`` as each task finishes (in completion order).
 
@@ -142,7 +142,8 @@ def run_tasks(fn: Callable, tasks: Sequence[tuple], *, common: tuple = (), use_r
     -------
     One :class:`TaskResult` per task, in the order of ``tasks``.
     """
-    if not isinstance(threads_per_task, int) or threads_per_task < 1:
+    if not (threads_per_task is None and not use_ray) and (not isinstance(threads_per_task, int)
+                                                          or threads_per_task < 1):
         raise ValueError(f"threads_per_task must be an integer >= 1, got {threads_per_task!r}")
     results: list[TaskResult | None] = [None] * len(tasks)
 

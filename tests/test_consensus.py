@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from spavae.analysis.consensus import align_labels, consensus_labels, consensus_summary, mean_pairwise_ari
+from spavae.analysis.consensus import (
+    align_labels,
+    consensus_labels,
+    consensus_summary,
+    mean_pairwise_ari,
+)
 
 
 def relabel(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

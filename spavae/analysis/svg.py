@@ -45,7 +45,7 @@ def spatial_scores(model) -> pd.DataFrame:
 def spatially_variable_genes(adata, model, *, n_permutations: int = 0, train_kwargs: dict | None = None,
                              key_added: str = "spavae_svg", pooled: bool = False,
                              progress: Callable | None = None, use_ray: bool = False, address: str | None = None,
-                             num_cpus: int | None = None, threads_per_task: int = 1) -> pd.DataFrame:
+                             num_cpus: int | None = None, threads_per_task: int | None = None) -> pd.DataFrame:
     """Rank genes by spatial score, optionally with permutation p-values; results also go to ``adata.var``.
 
     Parameters
@@ -212,7 +212,7 @@ def null_model_scores(adata, init_params: dict, train_kwargs: dict, true_locatio
 
 def permutation_null(adata, model, n_permutations: int, *, train_kwargs: dict | None = None,
                      use_ray: bool = False, address: str | None = None, num_cpus: int | None = None,
-                     threads_per_task: int = 1, progress: Callable | None = None) -> np.ndarray:
+                     threads_per_task: int | None = None, progress: Callable | None = None) -> np.ndarray:
     """Null spatial scores of ``n_permutations`` models retrained on locations shuffled across spots.
 
     Permutation ``r`` shuffles the spots' locations with the ``r``-th draw of a generator seeded with the
@@ -232,9 +232,11 @@ def permutation_null(adata, model, n_permutations: int, *, train_kwargs: dict | 
         Training arguments of the null models (default: the model's own).
     use_ray
         Train the null models as Ray tasks (:func:`spavae.sweep.run_tasks`) instead of one after the other.
-    address, num_cpus, threads_per_task
-        Ray options (see :func:`spavae.sweep.run_tasks`); ``threads_per_task`` is also the torch thread count
-        of each null model.
+    address, num_cpus
+        Ray options (see :func:`spavae.sweep.run_tasks`).
+    threads_per_task
+        Torch threads of each null model (and Ray CPUs of each task); ``None``: 1 on Ray, the current setting in
+        series. The null scores depend on it slightly (float sums in another order).
     progress
         Called with the permutation index before each training in series (e.g. ``print``).
 
@@ -253,17 +255,18 @@ def permutation_null(adata, model, n_permutations: int, *, train_kwargs: dict | 
     tasks = [(order, seed + r + 1) for r, order in enumerate(orders)]
     if not tasks:
         return np.zeros((0, len(model.var_names)))
+    from spavae.sweep import run_tasks
+
     if not use_ray:
-        nulls = []
+        results = []
         for r, task in enumerate(tasks):
             if progress is not None:
                 progress(r)
-            nulls.append(null_model_scores(*common, *task))
-        return np.vstack(nulls)
-    from spavae.sweep import run_tasks
-
-    results = run_tasks(null_model_scores, tasks, common=common, address=address, num_cpus=num_cpus,
-                        threads_per_task=threads_per_task)
+            results += run_tasks(null_model_scores, [task], common=common, use_ray=False,
+                                 threads_per_task=threads_per_task)
+    else:
+        results = run_tasks(null_model_scores, tasks, common=common, address=address, num_cpus=num_cpus,
+                            threads_per_task=threads_per_task or 1)
     failed = [result for result in results if result.error is not None]
     if failed:
         raise RuntimeError(f"{len(failed)} of {n_permutations} null models failed; the first: {failed[0].error}")
