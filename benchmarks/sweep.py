@@ -8,7 +8,7 @@ Usage: python benchmarks/sweep.py [--files A.h5 B.h5] [--seeds 3] [--epochs 400]
     process with --threads-per-task threads: wall time of each, the table written, and per section the consensus
     ARI of the seeds' domains against their mean ARI and their mean pairwise ARI.
 (b) spatially variable genes of the first file with a spaLDVAE and --permutations null models on Ray (per-gene
-    p-values and BH q-values): number of permutations, wall time, the top 20 genes with p- and q-values and which
+    p-values on centred scores and BH q-values): number of permutations, wall time, the top 20 genes with p- and q-values and which
     are known DLPFC layer markers (benchmarks/svg.py KNOWN_MARKERS).
 Prints one JSON object per line. The full budgets take hours on 2 cores; check it first with a smoke run:
     python benchmarks/sweep.py --seeds 2 --epochs 1 --svg-epochs 1 --permutations 2
@@ -26,13 +26,19 @@ from pathlib import Path
 import torch
 
 import spavae
-from spavae.analysis.svg import bh_qvalues, permutation_null, permutation_pvalues, spatial_scores
+from spavae.analysis.svg import (
+    bh_qvalues,
+    center_scores,
+    permutation_null,
+    permutation_pvalues,
+    spatial_scores,
+)
 from spavae.api import VARIANTS
 from spavae.data import filter_empty
 from spavae.sweep import run_sweep
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from svg import KNOWN_MARKERS  # noqa: E402  (benchmarks/ is not a package)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package: benchmarks/svg.py by path
+from svg import KNOWN_MARKERS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "dlpfc"
@@ -76,7 +82,7 @@ def svg(args: argparse.Namespace) -> None:
     null = permutation_null(adata, model, args.permutations, train_kwargs=train, use_ray=True,
                             num_cpus=args.num_cpus, threads_per_task=args.threads_per_task)
     table = observed.to_frame()
-    table["pvalue"] = permutation_pvalues(observed.to_numpy(), null)
+    table["pvalue"] = permutation_pvalues(*center_scores(observed.to_numpy(), null))
     table["qvalue"] = bh_qvalues(table["pvalue"].to_numpy())
     head = table.sort_values("spatial_score", ascending=False).head(args.top)
     print(json.dumps({"part": "svg", "file": args.files[0], "epochs": args.svg_epochs,

@@ -3,9 +3,9 @@
 With positive latents ``z = exp(log z)`` and decoder ``mean_g = sum_k z_k exp(W_kg)``, the share of a gene's expected
 expression that comes from the GP (spatial) factors is its spatial score. Retraining on permuted locations and
 scoring with the true locations gives a null distribution and empirical p-values: per gene by default
-(:func:`permutation_pvalues`) on scores centred per model (:func:`center_scores`), pooled over genes only where :func:`pooled_null_uniformity` shows on simulated
-null genes that the pooled null is uniform; Benjamini-Hochberg q-values (:func:`bh_qvalues`) correct for the
-number of genes. The retrainings run one after the other or as Ray tasks (:func:`permutation_null`).
+(:func:`permutation_pvalues`) on scores centred per model (:func:`center_scores`), pooled over genes only where
+:func:`pooled_null_uniformity` shows on simulated null genes that the pooled null is uniform; Benjamini-Hochberg
+q-values (:func:`bh_qvalues`) correct for the number of genes. The retrainings run one after the other or as Ray tasks (:func:`permutation_null`).
 """
 
 from __future__ import annotations
@@ -185,9 +185,10 @@ def pooled_null_uniformity(observed, null, null_genes, *, alpha: float = 0.05) -
     Parameters
     ----------
     observed
-        Observed score of every gene.
+        Observed score of every gene (centred with :func:`center_scores` to check what
+        :func:`spatially_variable_genes` uses by default).
     null
-        ``R x G`` null scores.
+        ``R x G`` null scores (centred the same way).
     null_genes
         Boolean mask (or indices) of the genes without a spatial pattern.
     alpha
