@@ -2,7 +2,10 @@
 
 With positive latents ``z = exp(log z)`` and decoder ``mean_g = sum_k z_k exp(W_kg)``, the share of a gene's expected
 expression that comes from the GP (spatial) factors is its spatial score. Retraining on permuted locations and
-scoring with the true locations gives a null distribution and empirical p-values.
+scoring with the true locations gives a null distribution and empirical p-values: per gene by default
+(:func:`permutation_pvalues`) on scores centred per model (:func:`center_scores`), pooled over genes only where
+:func:`pooled_null_uniformity` shows on simulated null genes that the pooled null is uniform; Benjamini-Hochberg
+q-values (:func:`bh_qvalues`) correct for the number of genes. The retrainings run one after the other or as Ray tasks (:func:`permutation_null`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 
 from spavae.likelihoods import NegativeBinomialObservation
 from spavae.nn import LinearPositiveDecoder
@@ -39,8 +43,9 @@ def spatial_scores(model) -> pd.DataFrame:
 
 
 def spatially_variable_genes(adata, model, *, n_permutations: int = 0, train_kwargs: dict | None = None,
-                             key_added: str = "spavae_svg", pooled: bool = True,
-                             progress: Callable | None = None) -> pd.DataFrame:
+                             key_added: str = "spavae_svg", pooled: bool = False, center: bool = True,
+                             progress: Callable | None = None, use_ray: bool = False, address: str | None = None,
+                             num_cpus: int | None = None, threads_per_task: int | None = None) -> pd.DataFrame:
     """Rank genes by spatial score, optionally with permutation p-values; results also go to ``adata.var``.
 
     Parameters
@@ -51,52 +56,238 @@ def spatially_variable_genes(adata, model, *, n_permutations: int = 0, train_kwa
         A trained linear-decoder model (``SpaVAE.from_variant('spaLDVAE', adata)``).
     n_permutations
         Number of models retrained with locations permuted across spots (0 = no p-values). Each null model is
-        scored with the true locations.
+        scored with the true locations (:func:`permutation_null`).
     train_kwargs
         Training arguments of the null models (default: the model's own).
     key_added
-        Columns ``<key>_score``, ``<key>_rank`` and, with permutations, ``<key>_pvalue`` in ``adata.var``.
+        Columns ``<key>_score``, ``<key>_rank`` and, with permutations, ``<key>_pvalue`` and ``<key>_qvalue`` in
+        ``adata.var``.
     pooled
-        p-values against the null scores of all genes pooled (finer with few permutations) instead of the gene's own.
+        p-values against the null scores of all genes pooled (:func:`pooled_pvalues`) instead of each gene's own
+        (:func:`permutation_pvalues`, the default). Pooling is finer with few permutations but valid only when
+        the genes share one null distribution: check with :func:`pooled_null_uniformity` on simulated data.
+    center
+        Compare scores after subtracting each model's median score over the genes (:func:`center_scores`),
+        which removes the shift of a whole model's scores that otherwise dominates the comparison (measured in
+        docs/sweeps.md); ``False`` compares the raw scores as the original does.
     progress
-        Called with the permutation index before each retraining (e.g. ``print``).
+        Called with the permutation index before each retraining in series (e.g. ``print``).
+    use_ray, address, num_cpus, threads_per_task
+        Train the null models as Ray tasks (:func:`permutation_null`).
 
     Returns
     -------
-    Table sorted by spatial score (highest first), with ``rank`` and, with permutations, ``pvalue``.
+    Table sorted by spatial score (highest first), with ``rank`` and, with permutations, ``pvalue`` and ``qvalue``.
     """
-    from spavae.api import SpaVAE
-
-    model.check_same_spots(adata)  # the null models reuse the model's scaled locations spot by spot
     if n_permutations < 0:
         raise ValueError(f"n_permutations must be >= 0, got {n_permutations}")
+    model.check_same_spots(adata)
     table = spatial_scores(model)
-    nulls = []
-    rng = np.random.default_rng(model.init_params["seed"])
-    for r in range(n_permutations):
-        if progress is not None:
-            progress(r)
-        shuffled = adata.copy()
-        key = model.init_params["spatial_key"]
-        shuffled.obsm[key] = np.asarray(adata.obsm[key])[rng.permutation(adata.n_obs)]
-        null = SpaVAE(shuffled, **(model.init_params | {"seed": model.init_params["seed"] + r + 1}))
-        null.train(**((train_kwargs if train_kwargs is not None else model.train_params) | {"progress": False}))
-        null.data.locations = model.data.locations  # score with the true locations:
-        null.refresh_gp_posterior()  # q(u) given the null model's encoder outputs at the true locations
-        nulls.append(spatial_scores(null)["spatial_score"].to_numpy())
-    if nulls:
-        null = np.vstack(nulls)
+    if n_permutations:
+        null = permutation_null(adata, model, n_permutations, train_kwargs=train_kwargs, use_ray=use_ray,
+                                address=address, num_cpus=num_cpus, threads_per_task=threads_per_task,
+                                progress=progress)
         observed = table["spatial_score"].to_numpy()
-        if pooled:
-            pooled_null = np.sort(null.ravel())
-            exceed = len(pooled_null) - np.searchsorted(pooled_null, observed, side="left")
-            table["pvalue"] = (1 + exceed) / (1 + len(pooled_null))
-        else:
-            table["pvalue"] = (1 + (null >= observed).sum(0)) / (1 + len(null))
+        if center:
+            observed, null = center_scores(observed, null)
+        table["pvalue"] = (pooled_pvalues if pooled else permutation_pvalues)(observed, null)
+        table["qvalue"] = bh_qvalues(table["pvalue"].to_numpy())
     table = table.sort_values("spatial_score", ascending=False)
     table["rank"] = np.arange(1, len(table) + 1)
     adata.var[f"{key_added}_score"] = table["spatial_score"].reindex(adata.var_names).to_numpy()
     adata.var[f"{key_added}_rank"] = table["rank"].reindex(adata.var_names).to_numpy()
-    if "pvalue" in table:
-        adata.var[f"{key_added}_pvalue"] = table["pvalue"].reindex(adata.var_names).to_numpy()
+    for column in ("pvalue", "qvalue"):
+        if column in table:
+            adata.var[f"{key_added}_{column}"] = table[column].reindex(adata.var_names).to_numpy()
     return table
+
+
+def center_scores(observed, null) -> tuple[np.ndarray, np.ndarray]:
+    """Each model's scores minus that model's median score over the genes: ``(observed_c, null_c)``.
+
+    Every retrained model shifts the spatial scores of *all* genes together (its GP factors take a larger or
+    smaller share of the expression overall); on simulated data the shift between null models was larger than
+    the difference between spatial and non-spatial genes, so raw per-gene p-values of non-spatial genes were
+    far from uniform. The permutation test then compares a gene's standing within its model instead. The median
+    is used so that a minority of spatial genes barely moves the reference.
+    """
+    observed, null = _check_null(observed, null)
+    return observed - np.median(observed), null - np.median(null, axis=1, keepdims=True)
+
+
+def permutation_pvalues(observed, null) -> np.ndarray:
+    """Per-gene empirical p-values: ``(1 + #{null scores of the gene >= its observed score}) / (1 + R)``.
+
+    Parameters
+    ----------
+    observed
+        The observed score of each of G genes.
+    null
+        ``R x G`` null scores (one row per permutation).
+
+    Returns
+    -------
+    G p-values in ``[1 / (1 + R), 1]``; the smallest possible p-value is ``1 / (1 + R)``, so R permutations can
+    call nothing below that level.
+    """
+    observed, null = _check_null(observed, null)
+    return (1.0 + (null >= observed).sum(0)) / (1.0 + len(null))
+
+
+def pooled_pvalues(observed, null) -> np.ndarray:
+    """p-values against the null scores of *all* genes pooled: ``(1 + #{pooled >= observed}) / (1 + R G)``.
+
+    Finer than :func:`permutation_pvalues` with few permutations, but only valid when every gene's null score has
+    the same distribution; check that with :func:`pooled_null_uniformity` before relying on it.
+    """
+    observed, null = _check_null(observed, null)
+    pooled = np.sort(null.ravel())
+    exceed = len(pooled) - np.searchsorted(pooled, observed, side="left")
+    return (1.0 + exceed) / (1.0 + len(pooled))
+
+
+def _check_null(observed, null) -> tuple[np.ndarray, np.ndarray]:
+    observed = np.asarray(observed, dtype=np.float64).ravel()
+    null = np.atleast_2d(np.asarray(null, dtype=np.float64))
+    if null.shape[1] != len(observed) or len(null) == 0:
+        raise ValueError(f"null must be (permutations x genes) = (R x {len(observed)}) with R >= 1, got {null.shape}")
+    return observed, null
+
+
+def bh_qvalues(pvalues) -> np.ndarray:
+    """Benjamini-Hochberg q-values (false discovery rate adjusted p-values), in the order of ``pvalues``.
+
+    ``q_(i) = min_{j >= i} min(1, p_(j) m / j)`` over the p-values sorted increasingly; NaN p-values stay NaN and
+    do not count in ``m``.
+    """
+    pvalues = np.asarray(pvalues, dtype=np.float64)
+    q = np.full(pvalues.shape, np.nan)
+    finite = np.flatnonzero(~np.isnan(pvalues))
+    if not len(finite):
+        return q
+    if (pvalues[finite] < 0).any() or (pvalues[finite] > 1).any():
+        raise ValueError("p-values must lie in [0, 1]")
+    order = finite[np.argsort(pvalues[finite], kind="stable")]
+    m = len(order)
+    scaled = pvalues[order] * m / np.arange(1, m + 1)
+    q[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    return q
+
+
+def pooled_null_uniformity(observed, null, null_genes, *, alpha: float = 0.05) -> dict:
+    """Kolmogorov-Smirnov check that pooled p-values of genes known to be non-spatial are uniform.
+
+    Run it on simulated data with planted non-spatial genes (e.g. :func:`spavae.data.simulate.simulate_svg_counts`,
+    ``~var['is_spatial']``) and the same model and permutation settings as the real analysis. Pooling the null over
+    genes is justified only when this check passes: the pooled p-values of null genes must then be uniform. The
+    per-gene p-values of the same genes are tested too, as the reference that should always pass.
+
+    Parameters
+    ----------
+    observed
+        Observed score of every gene (centred with :func:`center_scores` to check what
+        :func:`spatially_variable_genes` uses by default).
+    null
+        ``R x G`` null scores (centred the same way).
+    null_genes
+        Boolean mask (or indices) of the genes without a spatial pattern.
+    alpha
+        Level of the KS test.
+
+    Returns
+    -------
+    ``{'n_null_genes', 'pooled_ks_statistic', 'pooled_ks_pvalue', 'per_gene_ks_statistic', 'per_gene_ks_pvalue',
+    'pooling_allowed'}``. The per-gene p-values take only R + 1 values, so their KS test is conservative for small R.
+    """
+    observed, null = _check_null(observed, null)
+    mask = np.zeros(len(observed), dtype=bool)
+    mask[np.asarray(null_genes)] = True
+    if mask.sum() < 5:
+        raise ValueError(f"the uniformity check needs at least 5 null genes, got {int(mask.sum())}")
+    pooled = stats.kstest(pooled_pvalues(observed, null)[mask], "uniform")
+    per_gene = stats.kstest(permutation_pvalues(observed, null)[mask], "uniform")
+    return {"n_null_genes": int(mask.sum()), "pooled_ks_statistic": float(pooled.statistic),
+            "pooled_ks_pvalue": float(pooled.pvalue), "per_gene_ks_statistic": float(per_gene.statistic),
+            "per_gene_ks_pvalue": float(per_gene.pvalue), "pooling_allowed": bool(pooled.pvalue > alpha)}
+
+
+def null_model_scores(adata, init_params: dict, train_kwargs: dict, true_locations: torch.Tensor,
+                      order: np.ndarray, seed: int) -> np.ndarray:
+    """Spatial scores of one null model: trained with the locations permuted by ``order``, scored with the true ones.
+
+    One permutation of :func:`permutation_null`; a plain function of its arguments, so it runs in this process
+    or as a Ray task (:func:`spavae.sweep.run_tasks`).
+    """
+    from spavae.api import SpaVAE
+
+    shuffled = adata.copy()
+    key = init_params["spatial_key"]
+    shuffled.obsm[key] = np.asarray(adata.obsm[key])[order]
+    null = SpaVAE(shuffled, **(init_params | {"seed": seed}))
+    null.train(**(train_kwargs | {"progress": False}))
+    null.data.locations = true_locations.to(null.data.locations.device)  # score with the true locations:
+    null.refresh_gp_posterior()  # q(u) given the null model's encoder outputs at the true locations
+    return spatial_scores(null)["spatial_score"].to_numpy()
+
+
+def permutation_null(adata, model, n_permutations: int, *, train_kwargs: dict | None = None,
+                     use_ray: bool = False, address: str | None = None, num_cpus: int | None = None,
+                     threads_per_task: int | None = None, progress: Callable | None = None) -> np.ndarray:
+    """Null spatial scores of ``n_permutations`` models retrained on locations shuffled across spots.
+
+    Permutation ``r`` shuffles the spots' locations with the ``r``-th draw of a generator seeded with the
+    model's seed and trains a fresh model with seed ``seed + r + 1``; it is scored with the *true* locations
+    (ALGORITHM 8.1). The permutations are drawn before any training, so the result is the same in series and
+    on Ray.
+
+    Parameters
+    ----------
+    adata
+        The AnnData the model was trained on.
+    model
+        A trained linear-decoder model.
+    n_permutations
+        Number of null models (each a full training).
+    train_kwargs
+        Training arguments of the null models (default: the model's own).
+    use_ray
+        Train the null models as Ray tasks (:func:`spavae.sweep.run_tasks`) instead of one after the other.
+    address, num_cpus
+        Ray options (see :func:`spavae.sweep.run_tasks`).
+    threads_per_task
+        Torch threads of each null model (and Ray CPUs of each task); ``None``: 1 on Ray, the current setting in
+        series. The null scores depend on it slightly (float sums in another order).
+    progress
+        Called with the permutation index before each training in series (e.g. ``print``).
+
+    Returns
+    -------
+    ``n_permutations x n_genes`` null scores, genes in the model's order.
+    """
+    model.check_same_spots(adata)  # the null models reuse the model's scaled locations spot by spot
+    if n_permutations < 0:
+        raise ValueError(f"n_permutations must be >= 0, got {n_permutations}")
+    seed = model.init_params["seed"]
+    rng = np.random.default_rng(seed)
+    orders = [rng.permutation(adata.n_obs) for _ in range(n_permutations)]
+    train = dict(train_kwargs if train_kwargs is not None else model.train_params)
+    common = (adata, model.init_params, train, model.data.locations.cpu())
+    tasks = [(order, seed + r + 1) for r, order in enumerate(orders)]
+    if not tasks:
+        return np.zeros((0, len(model.var_names)))
+    from spavae.sweep import run_tasks
+
+    if not use_ray:
+        results = []
+        for r, task in enumerate(tasks):
+            if progress is not None:
+                progress(r)
+            results += run_tasks(null_model_scores, [task], common=common, use_ray=False,
+                                 threads_per_task=threads_per_task)
+    else:
+        results = run_tasks(null_model_scores, tasks, common=common, address=address, num_cpus=num_cpus,
+                            threads_per_task=threads_per_task or 1)
+    failed = [result for result in results if result.error is not None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {n_permutations} null models failed; the first: {failed[0].error}")
+    return np.vstack([result.value for result in results])

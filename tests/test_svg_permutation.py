@@ -1,0 +1,140 @@
+"""Permutation p-values of spatially variable genes: the statistics against independent computations, the
+serial and Ray nulls, and the calibration on simulated planted genes."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+import spavae
+from spavae.analysis.svg import (
+    bh_qvalues,
+    center_scores,
+    permutation_null,
+    permutation_pvalues,
+    pooled_null_uniformity,
+    pooled_pvalues,
+    spatial_scores,
+    spatially_variable_genes,
+)
+from spavae.api import VARIANTS
+from spavae.data.simulate import simulate_svg_counts
+
+
+def test_per_gene_pvalues_count_the_gene_s_own_null_scores():
+    rng = np.random.default_rng(0)
+    null = rng.normal(size=(19, 6))
+    observed = rng.normal(size=6)
+    observed[2] = null[4, 2]  # a tie counts as at least as extreme
+    by_loop = [(1 + sum(null[r, g] >= observed[g] for r in range(19))) / 20 for g in range(6)]
+    np.testing.assert_allclose(permutation_pvalues(observed, null), by_loop)
+    assert permutation_pvalues([10.0], [[0.0], [1.0]])[0] == pytest.approx(1 / 3)  # the floor is 1 / (1 + R)
+
+
+def test_pooled_pvalues_count_every_gene_s_null_scores():
+    rng = np.random.default_rng(1)
+    null, observed = rng.normal(size=(3, 5)), rng.normal(size=5)
+    pool = null.ravel()
+    expected = [(1 + (pool >= o).sum()) / (1 + pool.size) for o in observed]
+    np.testing.assert_allclose(pooled_pvalues(observed, null), expected)
+    with pytest.raises(ValueError, match="permutations x genes"):
+        pooled_pvalues(observed, null[:, :4])
+
+
+def test_bh_qvalues_match_the_step_up_definition():
+    rng = np.random.default_rng(2)
+    p = np.concatenate([rng.uniform(0, 0.01, 10), rng.uniform(size=40)])
+    m = len(p)
+    expected = [min(1.0, min(p[j] * m / (np.sum(p <= p[j])) for j in range(m) if p[j] >= p[i])) for i in range(m)]
+    np.testing.assert_allclose(bh_qvalues(p), expected)
+    for alpha in (0.01, 0.05, 0.2):  # rejecting q <= alpha is the BH procedure at level alpha
+        order = np.sort(p)
+        passing = np.nonzero(order <= alpha * np.arange(1, m + 1) / m)[0]
+        n_reject = passing.max() + 1 if len(passing) else 0
+        assert (bh_qvalues(p) <= alpha).sum() == n_reject
+    q = bh_qvalues([0.5, np.nan, 0.01])
+    assert np.isnan(q[1]) and q[2] == pytest.approx(0.02) and q[0] == pytest.approx(0.5)
+
+
+def test_pooling_check_passes_for_exchangeable_genes_and_fails_when_gene_nulls_differ():
+    rng = np.random.default_rng(3)
+    n_perm, n_genes = 20, 200
+    draws = rng.normal(size=(n_perm + 1, n_genes))  # every gene: the same null, observed one more draw of it
+    null_genes = np.arange(150)
+    check = pooled_null_uniformity(draws[0], draws[1:], null_genes)
+    assert check["pooling_allowed"] and check["pooled_ks_pvalue"] > 0.01
+    shifted = draws.copy()
+    shifted[:, 150:] += 2.0  # 50 genes whose null scores sit higher: pooled, they inflate the null genes' p-values
+    check = pooled_null_uniformity(shifted[0], shifted[1:], null_genes)
+    assert not check["pooling_allowed"] and check["pooled_ks_pvalue"] < 0.01
+    assert check["per_gene_ks_pvalue"] > 0.01  # the per-gene p-values of the null genes stay uniform
+    # observed scores not exchangeable with their null (all shifted down): the per-gene p-values fail too
+    check = pooled_null_uniformity(draws[0] - 1.0, draws[1:], null_genes)
+    assert check["per_gene_ks_pvalue"] < 0.01 and not check["pooling_allowed"]
+
+
+@pytest.fixture(scope="module")
+def svg_model():
+    """A small spaLDVAE on 144 spots with 30 planted spatial and 70 non-spatial genes."""
+    torch.set_num_threads(1)  # 2 threads on 2 busy cores make these trainings 20-30 times slower
+    adata = simulate_svg_counts(n_rows=12, n_cols=12, seed=0)
+    model = spavae.SpaVAE.from_variant("spaLDVAE", adata, n_gp=5, encoder_layers=(32, 16), device="cpu")
+    train = VARIANTS["spaLDVAE"]["train"] | {"beta": 1.0, "max_epochs": 30, "progress": False}
+    model.train(**train)
+    return adata, model, train
+
+
+def test_the_null_is_the_same_in_series_and_on_ray(svg_model):
+    ray = pytest.importorskip("ray")
+    adata, model, train = svg_model
+    quick = train | {"max_epochs": 3}
+    serial = permutation_null(adata, model, 2, train_kwargs=quick, threads_per_task=1)
+    started = not ray.is_initialized()
+    try:
+        on_ray = permutation_null(adata, model, 2, train_kwargs=quick, use_ray=True, num_cpus=2, threads_per_task=1)
+    finally:
+        if started and ray.is_initialized():
+            ray.shutdown()
+    assert serial.shape == (2, adata.n_vars) and not np.allclose(serial[0], serial[1])
+    np.testing.assert_allclose(on_ray, serial, rtol=1e-5)
+
+
+def test_table_has_per_gene_pvalues_and_qvalues(svg_model):
+    adata, model, train = svg_model
+    table = spatially_variable_genes(adata.copy(), model, n_permutations=1, train_kwargs=train | {"max_epochs": 3},
+                                     threads_per_task=1)
+    assert set(table["pvalue"]) <= {0.5, 1.0}  # per gene with one permutation: 1/2 or 2/2
+    np.testing.assert_allclose(table["qvalue"], bh_qvalues(table["pvalue"].to_numpy()))
+
+
+@pytest.fixture(scope="module")
+def null_nine(svg_model):
+    """Observed scores and 9 null models of the small spaLDVAE, trained with the same settings."""
+    adata, model, train = svg_model
+    observed = spatial_scores(model)["spatial_score"].to_numpy()
+    return observed, permutation_null(adata, model, 9, train_kwargs=train, threads_per_task=1)
+
+
+def uniformity_pvalue(p: np.ndarray, n_perm: int) -> float:
+    """KS p-value of randomised p-values, exactly uniform under the null (the discrete ones take n_perm + 1 values)."""
+    jittered = p - np.random.default_rng(0).uniform(size=p.shape) / (n_perm + 1)
+    return stats.kstest(jittered, "uniform").pvalue
+
+
+def test_null_genes_get_uniform_pvalues_from_centred_scores_and_not_from_raw_ones(svg_model, null_nine):
+    adata, _, _ = svg_model
+    observed, null = null_nine
+    noise = ~adata.var["is_spatial"].to_numpy()
+    centred = permutation_pvalues(*center_scores(observed, null))
+    assert uniformity_pvalue(centred[noise], 9) > 0.01
+    raw = permutation_pvalues(observed, null)  # the original's comparison: a whole null model's shift dominates
+    assert uniformity_pvalue(raw[noise], 9) < 1e-6 and raw[noise].mean() > 0.8
+
+
+@pytest.mark.xfail(strict=True, reason="measured: at a test-sized budget (144 spots, 30 epochs) the model does not "
+                                       "yet give planted genes higher spatial scores than noise genes, so no "
+                                       "permutation test can detect them (docs/sweeps.md)")
+def test_planted_genes_get_small_pvalues(svg_model, null_nine):
+    adata, _, _ = svg_model
+    p = permutation_pvalues(*center_scores(*null_nine))
+    assert np.median(p[adata.var["is_spatial"].to_numpy()]) <= 0.2
