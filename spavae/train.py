@@ -33,6 +33,11 @@ logger = logging.getLogger("spavae")
 #: spots, each epoch is a fresh random sample of that many spots, so validation, early stopping, the scheduler,
 #: checkpoints and the history keep the rhythm they have on a Visium section (4,000 spots: 8 steps per epoch).
 MAX_STEPS_PER_EPOCH = 100
+#: An epoch is at least this many steps: on sections too small for that many batches (below about 900 training
+#: spots at batch 128), more freshly shuffled passes are drawn until it has them. Patience, ``max_epochs`` and the
+#: PI controller were set on sections with 7-8 steps per epoch (a Visium section at batch 512, the 1,024-spot
+#: simulator at batch 128); a 200-spot section has one batch per pass, so it stopped early after a few dozen steps.
+MIN_STEPS_PER_EPOCH = 7
 #: At most this many spots are held out for validation: the validation loss of 4,096 spots is precise to well
 #: under the improvements early stopping looks for, and checking it costs at most 8 batches.
 MAX_VALIDATION = 4096
@@ -185,13 +190,26 @@ class Trainer:
             if len(chunk) >= max(2, self.communicator.world_size):  # BatchNorm needs two spots, every rank one
                 yield self.communicator.shard(chunk)
 
+    def _epoch_batches(self, steps: int):
+        """The training batches of one epoch: a shuffled pass over the training spots, then further passes (each
+        reshuffled) while the epoch has fewer than :data:`MIN_STEPS_PER_EPOCH` steps; at most ``steps`` in all."""
+        done = 0
+        while done < min(steps, MIN_STEPS_PER_EPOCH) or done == 0:
+            limit = steps - done if done == 0 else min(steps, MIN_STEPS_PER_EPOCH) - done
+            before = done
+            for index in self._batches(self.train_index, True, self.drop_last, limit):
+                done += 1
+                yield index
+            if done == before:  # no batch at all (fewer than two training spots)
+                return
+
     def _train_epoch(self) -> dict | None:
         self.module.train()
         sums: dict[str, float] = {}
         steps = MAX_STEPS_PER_EPOCH
         if self.max_steps is not None:
             steps = min(steps, self.max_steps - self.state.step)
-        for index in self._batches(self.train_index, True, self.drop_last, steps):
+        for index in self._epoch_batches(steps):
             out = self.module.loss(self.data.batch(index), self.current_beta, num_samples=self.num_samples,
                                    noise=self.noise)
             loss, kl, n_spots = self.communicator.sum(torch.stack(

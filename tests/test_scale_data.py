@@ -155,6 +155,25 @@ def test_step_budget_epoch_cap_and_validation_cap(monkeypatch):
     assert len(set(train.tolist()) | set(val.tolist())) == 10_000
 
 
+def test_a_small_section_gets_the_minimum_steps_per_epoch(monkeypatch):
+    """57 training spots at batch 32 make one batch per pass; an epoch still takes MIN_STEPS_PER_EPOCH steps, each
+    a full batch of distinct spots from a fresh shuffle."""
+    from spavae.train import MIN_STEPS_PER_EPOCH
+
+    adata = _sparse_section(60, 30, density=0.3)
+    model = spavae.SpaVAE(adata, seed=0, encoder_layers=(16,), decoder_layers=(16,))
+    seen = []
+    original = model.data.batch
+    monkeypatch.setattr(model.data, "batch", lambda index: seen.append(np.array(index)) or original(index))
+    model.train(max_epochs=2, batch_size=32, progress=False)
+    assert model.history["step"].tolist() == [MIN_STEPS_PER_EPOCH, 2 * MIN_STEPS_PER_EPOCH]
+    training = [index for index in seen if len(index) == 32]
+    assert len(training) == 2 * MIN_STEPS_PER_EPOCH
+    assert all(len(set(index.tolist())) == 32 for index in training)
+    assert set(np.concatenate(training).tolist()) <= set(model.trainer.train_index.tolist())
+    assert len({tuple(index.tolist()) for index in training}) == len(training)  # reshuffled every pass
+
+
 def test_auto_inducing_rule_and_points_follow_the_tissue():
     assert auto_inducing(4_000) == ("grid", 49)
     assert auto_inducing(100_000) == ("kmeans", 200)
