@@ -58,7 +58,8 @@ class GeneNegativeBinomial(dist.NegativeBinomial):
 
     because the three log-gamma terms cancel at :math:`y = 0`. Spatial count matrices are mostly zeros, so the
     log-gamma terms (and their digamma gradients), which dominated a training step, are computed only at the
-    nonzero counts; the dense part needs one ``softplus`` per count instead of two ``logsigmoid``. Values are not
+    nonzero counts, :math:`\log\Gamma(\theta)` once per gene; the dense part needs one ``softplus`` per count
+    instead of two ``logsigmoid``. Values are not
     re-validated (the counts are checked once, when the data setup is fitted).
 
     Parameters
@@ -87,7 +88,8 @@ class GeneNegativeBinomial(dist.NegativeBinomial):
         log_prob = value * logits - (theta + value) * F.softplus(logits)
         nonzero = value.nonzero(as_tuple=True)
         y, t = value[nonzero], theta[nonzero]
-        return log_prob.index_put(nonzero, torch.lgamma(t + y) - torch.lgamma(y + 1.0) - torch.lgamma(t),
+        lgamma_theta = torch.lgamma(self.theta).expand(value.shape)[nonzero]  # once per gene (and section)
+        return log_prob.index_put(nonzero, torch.lgamma(t + y) - torch.lgamma(y + 1.0) - lgamma_theta,
                                   accumulate=True)
 
 
