@@ -51,14 +51,15 @@ def section():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, section):
-    """`spavae run` (15 epochs) on the section saved without its labels; the labels go to truth.csv."""
+    """`spavae run` (30 epochs of MIN_STEPS_PER_EPOCH = 7 steps: this section has one batch per pass) on the section
+    saved without its labels; the labels go to truth.csv."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("cli_analyses")
     unlabelled = section.copy()
     del unlabelled.obs["ground_truth"]
     unlabelled.write_h5ad(root / "data.h5ad")
     section.obs[["ground_truth"]].to_csv(root / "truth.csv")
-    code, printed = run_cli(["run", str(root / "data.h5ad"), "--out", str(root / "run"), "--epochs", "15",
+    code, printed = run_cli(["run", str(root / "data.h5ad"), "--out", str(root / "run"), "--epochs", "30",
                              "--lr", "3e-2", "--quiet", "--threads", "1"])
     assert code == 0
     return root, root / "run", printed

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,7 +83,7 @@ def test_train_evaluate_resume_through_the_cli(config_file, tmp_path, capsys):
     assert list(history["epoch"]) == [1, 2, 3, 4]
     assert len(best["history"]["epoch"]) == int(history["val_loss"].idxmin()) + 1
     log = (run / "log" / "train.log").read_text()
-    assert "epoch 4: step 4, train_loss" in log and "saved checkpoint-epoch4.pth" in log
+    assert re.search(r"epoch 4: step \d+, train_loss", log) and "saved checkpoint-epoch4.pth" in log
 
     events = scalars(run / "log")
     assert set(TAGS) <= set(events)
@@ -168,7 +169,7 @@ def _fit_and_snapshot(adata, epochs, snapshot_at=None, resume=None):
             torch.save(trainer.state_dict(), buffer)
             snapshot["state"] = buffer.getvalue()
 
-    model.train(max_epochs=epochs, progress=False, noise=0.2, lr_scheduler={"factor": 0.5, "patience": 0},
+    model.train(max_epochs=epochs, progress=False, noise=0.2, lr_scheduler={"factor": 0.5, "patience": 0, "threshold": 0.5},
                 callbacks=[keep], resume=None if resume is None else torch.load(io.BytesIO(resume), weights_only=False))
     return model, snapshot.get("state")
 

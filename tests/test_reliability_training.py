@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import torch
 
 import spavae
-from spavae.train import Trainer
+from spavae.train import MIN_STEPS_PER_EPOCH, Trainer
 
 SMALL = {"encoder_layers": (16,), "decoder_layers": (16,), "device": "cpu"}
 
@@ -64,7 +64,8 @@ def test_cholesky_failure_ends_the_run_cleanly_with_the_best_weights(small_adata
     def failing(*args, **kwargs):
         if model.module.training:
             training_calls.append(1)
-            if len(training_calls) > 2:  # 256 spots, batch 128: one step per epoch, so this is epoch 3
+            if len(training_calls) > 2 * MIN_STEPS_PER_EPOCH:  # 256 spots at batch 128: one batch per pass, so an
+                # epoch is MIN_STEPS_PER_EPOCH steps and this is the first step of epoch 3
                 raise torch.linalg.LinAlgError("linalg.cholesky: The factorization could not be completed")
         return real(*args, **kwargs)
 
@@ -104,7 +105,7 @@ def test_a_single_validation_spot_is_not_wasted(n_rows, n_cols, train_size, n_va
 
 def test_inducing_points_never_pass_through_float32(small_adata):
     """Item 12: 20/6 became 3.3333332538604736."""
-    model = spavae.SpaVAE(small_adata, seed=0, inducing="grid", **SMALL)
+    model = spavae.SpaVAE(small_adata, seed=0, inducing="grid", location_frame="minmax", **SMALL)
     points = model.module.gp.variational_strategy.inducing_points
     assert points.dtype == torch.float64
     assert float(points[:, 1].unique()[1]) == 20.0 / 6

@@ -128,7 +128,8 @@ def test_null_genes_get_uniform_pvalues_from_centred_scores_and_not_from_raw_one
     centred = permutation_pvalues(*center_scores(observed, null))
     assert uniformity_pvalue(centred[noise], 9) > 0.01
     raw = permutation_pvalues(observed, null)  # the original's comparison: a whole null model's shift dominates
-    assert uniformity_pvalue(raw[noise], 9) < 1e-6 and raw[noise].mean() > 0.8
+    assert uniformity_pvalue(raw[noise], 9) < 1e-6
+    assert raw[noise].mean() > 0.65  # piled up towards 1: uniform p-values on this 10-point grid average 0.55
 
 
 @pytest.mark.xfail(strict=True, reason="measured: at a test-sized budget (144 spots, 30 epochs) the model does not "
