@@ -101,28 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def n_domains_value(text: str) -> int | str:
-    """``--n-domains``: ``'auto'`` or a whole number >= 2."""
-    if text == "auto":
-        return text
+def _whole_number(text: str, minimum: int, what: str) -> int:
+    """An integer option value of at least ``minimum``, or an argparse error naming ``what`` it counts."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of domains or 'auto', got {text!r}") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
+
+
+def n_domains_value(text: str) -> int | str:
+    """``--n-domains``: ``'auto'`` or a whole number >= 2."""
+    return text if text == "auto" else _whole_number(text, 2, "a number of domains or 'auto'")
 
 
 def devices_value(text: str) -> int:
     """``--devices N``: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of processes, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return _whole_number(text, 1, "a number of processes")
 
 
 def k_range_value(text: str) -> range:
