@@ -20,29 +20,20 @@ import argparse
 import json
 import time
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
-from scipy.spatial import cKDTree
-from sklearn.decomposition import PCA
 
 import spavae
 from spavae.analysis import cluster_kmeans, score_clustering, visium_array_to_xy
-from spavae.data import filter_empty, normalize_log_scale, size_factors
-from spavae.data.genes import highly_variable_genes
+from spavae.data import filter_empty
 from spavae.data.simulate import simulate_many_genes_section
 
-
-def smoothed_pca_ari(adata, truth: pd.Series, n_domains: int, lattice: np.ndarray, seed: int) -> float:
-    """PCA (10 components, on 2,000 highly variable genes when there are more) averaged over each spot and its
-    6 nearest neighbours, then KMeans."""
-    counts = adata.X
-    if adata.n_vars > 2000:
-        counts = counts[:, highly_variable_genes(counts, 2000)["highly_variable"].to_numpy()]
-    expression = normalize_log_scale(counts, size_factors(counts))
-    pcs = PCA(10, random_state=seed).fit_transform(expression)
-    _, neighbours = cKDTree(lattice).query(lattice, k=7)
-    return score_clustering(truth, cluster_kmeans(pcs[neighbours].mean(1), n_domains, seed=seed))["ari"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package: the baseline by path
+from dlpfc import baseline_ari
 
 
 def cases(dlpfc: list[str], seeds: int):
@@ -80,7 +71,7 @@ def main() -> None:
         row = {"case": name, "seed": seed, "n_spots": adata.n_obs, "n_genes": adata.n_vars,
                "model_genes": model.setup.n_genes, "epochs": len(model.history), "steps": model.trainer.state.step,
                "seconds": round(seconds, 1), "stop_reason": model.trainer.state.stop_reason, "ari": round(ari, 4),
-               "baseline_ari": round(smoothed_pca_ari(adata, truth, n_domains, lattice, seed), 4)}
+               "baseline_ari": round(baseline_ari(adata, n_domains, lattice, seed), 4)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     frame = pd.DataFrame(rows)
