@@ -47,7 +47,7 @@ from spavae.analysis import (
 from spavae.analysis.clustering import NEIGHBOURS
 from spavae.analysis.domains import DEFAULT_K_RANGE, METHODS
 from spavae.analysis.runs import TrainedRun, open_run
-from spavae.analysis.svg import spatially_variable_genes
+from spavae.analysis.svg import STATISTICS, check_svg_request, spatially_variable_genes
 from spavae.api import VARIANTS
 from spavae.data import filter_empty, read, simulate_spatial_counts
 from spavae.data.readers import LABEL_KEY
@@ -274,14 +274,19 @@ def _add_sweep_command(sub) -> None:
     sweep.add_argument("--data", nargs="+", metavar="FILE", help="input files, each trained with every grid point "
                                                                  "and seed (default: data.path of CONFIG)")
     sweep.add_argument("--out", default="sweep", help="sweep folder (default: sweep)")
-    sweep.add_argument("--address", help="existing Ray cluster to run on, e.g. auto or ray://head:10001 (spavae "
-                                         "must be installed on its nodes); default: a local Ray for this call")
-    sweep.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all cores)")
-    sweep.add_argument("--threads-per-task", type=int, default=1,
-                       help="torch threads and Ray CPUs of each run (default 1)")
+    _add_ray_options(sweep, "run")
     sweep.add_argument("--serial", action="store_true", help="train the runs one after the other in this process, "
                                                              "without Ray")
     sweep.set_defaults(handler=sweep_command)
+
+
+def _add_ray_options(parser: argparse.ArgumentParser, task: str) -> None:
+    """--address, --num-cpus and --threads-per-task of a command whose trainings (``task``) can run as Ray tasks."""
+    parser.add_argument("--address", help="existing Ray cluster to run on, e.g. auto or ray://head:10001 (spavae "
+                                          "must be installed on its nodes); default: a local Ray for this call")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all cores)")
+    parser.add_argument("--threads-per-task", type=int, default=1,
+                        help=f"torch threads and Ray CPUs of each {task} (default 1)")
 
 
 SOURCE_HELP = ("a `spavae run` folder (results.h5ad + model.pt), a `spavae train` run folder (checkpoint/config.json + "
@@ -359,16 +364,25 @@ def _add_analysis_commands(sub) -> None:
         "Rank genes by their spatial score, the share of their expected expression that comes from the GP\n"
         "factors of a linear-decoder model (spavae.analysis.svg). The run's own model is used when it is a\n"
         "linear-decoder model; otherwise a spaLDVAE is trained on the run's spots (--epochs, --beta). Writes:\n"
-        "  svg.csv          one row per gene, best first: spatial_score, non_spatial_score, rank[, pvalue]\n"
+        "  svg.csv          one row per gene, best first by --statistic: spatial_score, non_spatial_score,\n"
+        "                   spatial_variance, rank[, pvalue, qvalue]\n"
         "  svg.png          the top --n-plot genes in space, measured vs denoised (normalised scale)\n"
         "  svg_model.pt     the spaLDVAE trained here (when the run's model is not one)\n"
-        "--permutations N retrains N models on locations shuffled across spots for empirical p-values: each\n"
-        "costs one more training.")
+        "--permutations N retrains N models on locations shuffled across spots for per-gene empirical p-values\n"
+        "and BH q-values: each costs one more training; --ray trains them as Ray tasks (see docs/sweeps.md for\n"
+        "how many permutations and which --statistic to trust).")
     svg.add_argument("--epochs", type=int, default=400, help="epochs of the spaLDVAE trained here (default 400)")
     svg.add_argument("--beta", type=float, default=10.0,
                      help="KL weight of the spaLDVAE trained here (default 10, the original's; use 1 for panels of "
                           "about a hundred genes, where 10 collapses the latent)")
+    svg.add_argument("--statistic", choices=STATISTICS, default="spatial_score",
+                     help="what ranks the genes and is tested: spatial_score, the GP factors' share of the gene's "
+                          "expression (the original's, default), or spatial_variance, their variation of the gene "
+                          "relative to its mean")
     svg.add_argument("--permutations", type=int, default=0, help="null models on permuted locations (default 0)")
+    svg.add_argument("--ray", action="store_true", help="train the null models as Ray tasks "
+                                                        "(pip install spavae[distributed])")
+    _add_ray_options(svg, "null model")
     svg.add_argument("--n-plot", type=int, default=4, help="genes drawn in svg.png (default 4)")
     svg.add_argument("--quiet", action="store_true", help="no progress bar")
     svg.set_defaults(handler=svg_command)
@@ -732,6 +746,9 @@ def de_command(args: argparse.Namespace) -> None:
 
 def svg_command(args: argparse.Namespace) -> None:
     """The ``svg`` command."""
+    check_svg_request(args.statistic, args.permutations)
+    if (args.address or args.num_cpus) and not args.ray:
+        raise ValueError("--address and --num-cpus are options of the Ray null models: add --ray")
     run, out = _open(args, "svg")
     adata = run.adata
     model = run.model() if run.model_path is not None else None
@@ -744,7 +761,9 @@ def svg_command(args: argparse.Namespace) -> None:
         model = spavae.SpaVAE.from_variant("spaLDVAE", adata, device=args.device or "auto", seed=args.seed, **data_keys)
         model.train(**(VARIANTS["spaLDVAE"]["train"] | {"max_epochs": args.epochs, "beta": args.beta,
                                                          "progress": not args.quiet}))
-    table = spatially_variable_genes(adata, model, n_permutations=args.permutations,
+    table = spatially_variable_genes(adata, model, statistic=args.statistic, n_permutations=args.permutations,
+                                     use_ray=args.ray, address=args.address, num_cpus=args.num_cpus,
+                                     threads_per_task=args.threads_per_task if args.ray else None,
                                      progress=lambda r: print(f"null model {r + 1}/{args.permutations}", flush=True))
     top = list(table.index[:args.n_plot])
     denoised = model.get_denoised_counts(library_size="normalized")[:, model.var_names.get_indexer(top)]

@@ -237,6 +237,14 @@ def test_svg_command_ranks_with_a_linear_decoder_model(trained, section):
     assert (run / "svg" / "svg.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_svg_command_refuses_what_it_cannot_do_before_training(trained, capsys):
+    _, run, _ = trained
+    code, _ = run_cli(["svg", str(run), "--statistic", "spatial_variance", "--permutations", "3"])
+    assert code == 2 and "permutation p-values of 'spatial_variance'" in capsys.readouterr().err
+    code, _ = run_cli(["svg", str(run), "--permutations", "3", "--num-cpus", "2"])
+    assert code == 2 and "add --ray" in capsys.readouterr().err
+
+
 def test_predict_command_one_row_per_location(trained, section):
     root, run, _ = trained
     spots = section.obsm["spatial"][[0, 50, 120]]
