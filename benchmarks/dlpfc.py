@@ -90,14 +90,14 @@ class Trajectory:
 
 
 def run_file(path: str, seeds: int, threads: int, train_options: dict, baseline: bool, kernel: str,
-             every: int | None) -> tuple[dict, list[dict]]:
+             every: int | None, model_options: dict | None = None) -> tuple[dict, list[dict]]:
     adata, lattice = load(path)
     truth = adata.obs["ground_truth"].astype(str)
     n_domains = int(pd.Series(truth).loc[lambda s: s != "NA"].nunique())
     scores, seconds, epochs, trajectories = [], [], [], []
     for seed in range(seeds):
         start = time.perf_counter()
-        model = spavae.SpaVAE(adata, seed=seed, kernel=kernel)
+        model = spavae.SpaVAE(adata, seed=seed, kernel=kernel, **(model_options or {}))
         trajectory = Trajectory(model, truth, n_domains, seed, every) if every else None
         model.train(progress=False, callbacks=[trajectory] if trajectory else [], **train_options)
         seconds.append(time.perf_counter() - start)
@@ -115,7 +115,8 @@ def run_file(path: str, seeds: int, threads: int, train_options: dict, baseline:
         print(json.dumps(line), flush=True)
     frame = pd.DataFrame(scores)
     result = {"file": path, "kernel": kernel, "n_spots": adata.n_obs, "n_genes": model.setup.n_genes,
-              "n_domains": n_domains, "seeds": seeds, "train_options": train_options}
+              "n_domains": n_domains, "seeds": seeds, "train_options": train_options,
+              "model_options": model_options or {}}
     for key in frame:
         result[key] = round(float(frame[key].mean()), 4)
         result[f"{key}_sd"] = round(float(frame[key].std(ddof=1)) if seeds > 1 else 0.0, 4)
@@ -162,15 +163,18 @@ def main() -> None:
     parser.add_argument("--plot", help="PNG of the trajectories (with --trajectory)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="SpaVAE.train option, VALUE read as JSON (repeatable)")
+    parser.add_argument("--init", action="append", default=[], metavar="KEY=VALUE",
+                        help="SpaVAE model option, VALUE read as JSON (repeatable), e.g. --init inducing_steps=6")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     options = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+    model_options = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.init)}
     if args.max_epochs:
         options["max_epochs"] = args.max_epochs
     trajectories = []
     for path in args.files:
         result, runs = run_file(path, args.seeds, args.threads, options, args.baseline, args.kernel,
-                                args.every if args.trajectory else None)
+                                args.every if args.trajectory else None, model_options)
         trajectories += runs
         print(json.dumps(result), flush=True)
     if args.plot and trajectories:

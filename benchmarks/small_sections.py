@@ -1,6 +1,7 @@
 """Small sections and whole transcriptomes: spavae's defaults against a smoothed-PCA baseline.
 
-Usage: python benchmarks/small_sections.py [--dlpfc FILE.h5 ...] [--seeds 3] [--threads T] [--set KEY=VALUE ...]
+Usage: python benchmarks/small_sections.py [--dlpfc FILE.h5 ...] [--seeds 3] [--threads T] [--sizes 200 500]
+       [--set KEY=VALUE ...] [--init KEY=VALUE ...]
 
 Cases:
 
@@ -8,7 +9,8 @@ Cases:
   (:func:`spavae.data.simulate.simulate_many_genes_section`, domain log fold change 1.5), one per seed;
 * each ``--dlpfc`` section randomly subsampled to 500 spots (a new subsample per seed).
 
-For each case and seed it trains ``spavae.SpaVAE`` with its defaults (``--set`` passes ``SpaVAE.train`` options),
+For each case and seed it trains ``spavae.SpaVAE`` with its defaults (``--set`` passes ``SpaVAE.train`` options,
+``--init`` model options),
 clusters the latent with KMeans (k = number of true domains) and scores the ARI; the baseline is PCA (10
 components) of the normalised expression averaged over each spot and its 6 nearest neighbours, then KMeans.
 Prints one JSON line per case and seed, then one summary line per case (means and SDs).
@@ -36,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a
 from dlpfc import baseline_ari
 
 
-def cases(dlpfc: list[str], seeds: int):
+def cases(sizes: list[int], dlpfc: list[str], seeds: int):
     """(name, seed, adata, lattice) of every case."""
-    for n_spots in (200, 500):
+    for n_spots in sizes:
         for seed in range(seeds):
             adata = simulate_many_genes_section(n_spots, 10_000, n_domain_genes=300, domain_lfc=1.5, seed=seed)
             yield f"sim_{n_spots}x10000", seed, adata, adata.obsm["spatial"]
@@ -57,15 +59,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="SpaVAE.train option, VALUE read as JSON (repeatable)")
+    parser.add_argument("--init", action="append", default=[], metavar="KEY=VALUE",
+                        help="SpaVAE model option, VALUE read as JSON (repeatable), e.g. --init inducing_steps=12")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[200, 500], help="simulated section sizes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     options = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
+    model_options = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.init)}
     rows = []
-    for name, seed, adata, lattice in cases(args.dlpfc, args.seeds):
+    for name, seed, adata, lattice in cases(args.sizes, args.dlpfc, args.seeds):
         truth = adata.obs["ground_truth"].astype(str)
         n_domains = int(truth[truth != "NA"].nunique())
         start = time.perf_counter()
-        model = spavae.SpaVAE(adata, seed=seed).train(progress=False, **options)
+        model = spavae.SpaVAE(adata, seed=seed, **model_options).train(progress=False, **options)
         seconds = time.perf_counter() - start
         ari = score_clustering(truth, cluster_kmeans(model.get_latent_representation(), n_domains, seed=seed))["ari"]
         row = {"case": name, "seed": seed, "n_spots": adata.n_obs, "n_genes": adata.n_vars,
@@ -76,7 +82,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     frame = pd.DataFrame(rows)
     for name, group in frame.groupby("case", sort=False):
-        print(json.dumps({"case": name, "seeds": len(group), "train_options": options,
+        print(json.dumps({"case": name, "seeds": len(group), "train_options": options, "model_options": model_options,
                           "ari": round(group["ari"].mean(), 4), "ari_sd": round(group["ari"].std(ddof=1), 4),
                           "baseline_ari": round(group["baseline_ari"].mean(), 4),
                           "baseline_ari_sd": round(group["baseline_ari"].std(ddof=1), 4),
