@@ -56,6 +56,11 @@ def baseline_ari(adata, n_domains: int, lattice: np.ndarray, seed: int = 0) -> f
     return score_clustering(adata.obs["ground_truth"].astype(str), labels)["ari"]
 
 
+def key_values(items: list[str]) -> dict:
+    """``KEY=VALUE`` options (``--set``, ``--init``) as a dict, each VALUE read as JSON."""
+    return {key: json.loads(value) for key, value in (item.split("=", 1) for item in items)}
+
+
 def load(path: str):
     """A labelled section and its neighbour lattice: a spaVAE-layout file, or ``sim`` for the simulator."""
     if path == "sim":
@@ -167,8 +172,7 @@ def main() -> None:
                         help="SpaVAE model option, VALUE read as JSON (repeatable), e.g. --init inducing_steps=6")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    options = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
-    model_options = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.init)}
+    options, model_options = key_values(args.set), key_values(args.init)
     if args.max_epochs:
         options["max_epochs"] = args.max_epochs
     trajectories = []

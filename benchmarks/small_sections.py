@@ -35,7 +35,7 @@ from spavae.data import filter_empty
 from spavae.data.simulate import simulate_many_genes_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package: the baseline by path
-from dlpfc import baseline_ari
+from dlpfc import baseline_ari, key_values
 
 
 def cases(sizes: list[int], lfc: float, dlpfc: list[str], seeds: int):
@@ -73,8 +73,7 @@ def main() -> None:
                              "averaged over each spot and its 6 nearest neighbours")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    options = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.set)}
-    model_options = {key: json.loads(value) for key, value in (item.split("=", 1) for item in args.init)}
+    options, model_options = key_values(args.set), key_values(args.init)
     rows = []
     for name, seed, adata, lattice in cases(args.sizes, args.lfc, args.dlpfc, args.seeds):
         truth = adata.obs["ground_truth"].astype(str)

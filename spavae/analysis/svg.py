@@ -55,10 +55,13 @@ def scores_from_factors(z_bar: torch.Tensor, loadings: torch.Tensor, n_gp: int) 
       the spatial factors only add a constant, and it is the spatial part of the gene's variation in the units of
       its own mean.
     """
-    spatial = z_bar[:, :n_gp] @ loadings[:n_gp]
-    total_mean = (z_bar @ loadings).mean(0)
-    share = spatial.mean(0) / total_mean
-    variance = spatial.var(0, unbiased=False) / total_mean ** 2
+    # From the factors' means and the GP factors' covariance: Var_i(s_ig) = w_g' Cov(z_gp) w_g, no spots x genes array
+    factor_mean = z_bar.mean(0)
+    total_mean = factor_mean @ loadings
+    share = factor_mean[:n_gp] @ loadings[:n_gp] / total_mean
+    centred = z_bar[:, :n_gp] - factor_mean[:n_gp]
+    gp_loadings = loadings[:n_gp]
+    variance = ((centred.T @ centred / len(z_bar)) @ gp_loadings * gp_loadings).sum(0) / total_mean ** 2
     return {"spatial_score": share.cpu().numpy(), "spatial_variance": variance.cpu().numpy()}
 
 
@@ -257,10 +260,14 @@ def pooled_null_uniformity(observed, null, null_genes, *, alpha: float = 0.05) -
             "per_gene_ks_pvalue": float(per_gene.pvalue), "pooling_allowed": bool(pooled.pvalue > alpha)}
 
 
-def null_model_factors(adata, init_params: dict, train_kwargs: dict, true_locations: torch.Tensor,
-                       order: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`factor_expression` of one null model: trained with the locations permuted by ``order``, evaluated at
-    the true ones (an identity ``order`` trains the observed model the same way)."""
+def null_model_scores(adata, init_params: dict, train_kwargs: dict, true_locations: torch.Tensor,
+                      order: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Every gene statistic (:func:`scores_from_factors`) of one null model: trained with the locations permuted by
+    ``order``, scored with the true ones (an identity ``order`` trains the observed model the same way).
+
+    One permutation of :func:`permutation_null`; a plain function of its arguments, so it runs in this process
+    or as a Ray task (:func:`spavae.sweep.run_tasks`).
+    """
     from spavae.api import SpaVAE
 
     shuffled = adata.copy()
@@ -270,18 +277,7 @@ def null_model_factors(adata, init_params: dict, train_kwargs: dict, true_locati
     null.train(**(train_kwargs | {"progress": False}))
     null.data.locations = true_locations.to(null.data.locations.device)  # score with the true locations:
     null.refresh_gp_posterior()  # q(u) given the null model's encoder outputs at the true locations
-    return tuple(t.cpu().numpy() for t in factor_expression(null))
-
-
-def null_model_scores(adata, init_params: dict, train_kwargs: dict, true_locations: torch.Tensor,
-                      order: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """Every gene statistic (:func:`scores_from_factors`) of one null model (:func:`null_model_factors`).
-
-    One permutation of :func:`permutation_null`; a plain function of its arguments, so it runs in this process
-    or as a Ray task (:func:`spavae.sweep.run_tasks`).
-    """
-    z_bar, loadings = null_model_factors(adata, init_params, train_kwargs, true_locations, order, seed)
-    return scores_from_factors(torch.from_numpy(z_bar), torch.from_numpy(loadings), init_params["n_gp"])
+    return scores_from_factors(*factor_expression(null), null.module.n_gp)
 
 
 def permutation_null(adata, model, n_permutations: int, *, train_kwargs: dict | None = None,
