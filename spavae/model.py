@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyro
 import pyro.distributions as dist
@@ -54,13 +54,18 @@ _PYRO_NAMES = (f"spavae{i}" for i in itertools.count())
 
 @dataclass
 class Batch:
-    """One mini-batch: encoder input, GP locations, raw counts, size factors and one-hot sections."""
+    """One mini-batch: encoder input, GP locations, raw counts, size factors and one-hot sections.
+
+    ``gene_nonzero`` optionally holds the flat positions (``row * n_genes + column``) of the nonzero gene counts,
+    known from the sparse rows the batch was built from; the NB log-probability then needs no search for them.
+    """
 
     expression: torch.Tensor
     locations: torch.Tensor
     counts: torch.Tensor | None
     size_factors: torch.Tensor | None
     covariates: torch.Tensor | None = None
+    gene_nonzero: torch.Tensor | None = None
 
     def args(self) -> tuple:
         """Positional arguments of ``model``/``guide``."""
@@ -301,8 +306,7 @@ class SpaVAEModule(nn.Module):
         n = batch.locations.shape[0]
         dtype = self.net_dtype
         if batch.size_factors is None:
-            batch = Batch(batch.expression, batch.locations, batch.counts,
-                          torch.ones(n, dtype=dtype, device=batch.locations.device), batch.covariates)
+            batch = replace(batch, size_factors=torch.ones(n, dtype=dtype, device=batch.locations.device))
         with pyro.plate("spots", n):
             # marginal GP prior N(0, k(x, x)); the joint GP prior enters through the Pearce term instead
             prior_var = self.gp.covar_module(batch.locations.to(self.gp_dtype), diag=True).to(dtype)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from scipy import stats
 
@@ -82,6 +83,14 @@ def test_gene_negative_binomial_equals_the_expanded_one_and_scipy():
         fast = GeneNegativeBinomial(mean, theta).log_prob(counts)
         slow = negative_binomial(mean, theta.expand_as(mean)).log_prob(counts)
         torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+        # nonzero positions read off the sparse rows (as a mini-batch carries them): the same values
+        rows = sp.csr_matrix(counts.numpy())
+        positions = torch.from_numpy(np.repeat(np.arange(6), np.diff(rows.indptr)) * 4 + rows.indices)
+        known = GeneNegativeBinomial(mean, theta, (counts, positions))
+        torch.testing.assert_close(known.log_prob(counts), slow, rtol=1e-12, atol=1e-12)
+        other = counts.flip(0)  # another tensor: its own nonzero entries are searched, the known ones ignored
+        torch.testing.assert_close(known.log_prob(other), negative_binomial(mean, theta.expand_as(mean)).log_prob(other),
+                                   rtol=1e-12, atol=1e-12)
         expected = stats.nbinom.logpmf(counts.numpy(), theta.detach().expand_as(mean).numpy(),
                                              (theta / (theta + mean)).detach().numpy())
         np.testing.assert_allclose(fast.detach().numpy(), expected, rtol=1e-10)

@@ -116,6 +116,27 @@ def test_sparse_dense_and_backed_input_train_the_same_model(tmp_path):
     np.testing.assert_allclose(histories[2], histories[0], rtol=1e-6)
 
 
+def test_batches_carry_the_positions_of_their_nonzero_counts(tmp_path):
+    """The positions read off the sparse rows are those of the dense batch, whatever the input's storage (explicit
+    zeros and duplicated entries included) and the order of the spots."""
+    adata = _sparse_section(200, 30, density=0.3)
+    messy = adata.X.tocoo()
+    half = messy.nnz // 2  # half the entries stored twice (once as a zero), and an explicit zero
+    rows = np.concatenate([messy.row, messy.row[:half], [0]])
+    cols = np.concatenate([messy.col, messy.col[:half], [int(np.setdiff1d(np.arange(30), messy.col[messy.row == 0])[0])]])
+    data = np.concatenate([messy.data, np.zeros(half), [0.0]])
+    untidy = sp.csr_matrix((data.astype(np.float32), (rows, cols)), shape=adata.shape)
+    untidy.has_canonical_format = False
+    adata.X = untidy
+    path = tmp_path / "section.h5ad"
+    adata.write_h5ad(path)
+    order = np.random.default_rng(0).permutation(adata.n_obs)[:64]
+    for data in (adata, ad.read_h5ad(path, backed="r")):
+        batch = spavae.SpaVAE(data, seed=0).data.batch(order)
+        expected = batch.counts.reshape(-1).nonzero().squeeze(1)
+        np.testing.assert_array_equal(np.sort(batch.gene_nonzero.numpy()), expected.numpy())
+
+
 def test_editing_adata_after_building_does_not_change_the_model():
     adata = _sparse_section(300, 40, density=0.3)
     dense = adata.copy()

@@ -51,7 +51,10 @@ def row_chunks(matrix, chunk_size: int = CHUNK_SIZE) -> Iterator[tuple[int, sp.c
 
 
 def _compact_csr(block: sp.csr_matrix) -> sp.csr_matrix:
+    """``float32`` values, ``int32`` columns, and each stored entry a nonzero count of one gene in one spot."""
     block = block.astype(np.float32, copy=False)
+    block.sum_duplicates()
+    block.eliminate_zeros()
     block.indices = block.indices.astype(np.int32, copy=False)
     return block
 
@@ -107,16 +110,20 @@ class CountRows:
             block = block[:, self.columns]
         return block
 
-    def take(self, index: np.ndarray) -> np.ndarray:
-        """Dense ``float32`` rows ``index`` (``len(index) x G``), in the order given."""
+    def take_sparse(self, index: np.ndarray) -> sp.csr_matrix:
+        """CSR ``float32`` rows ``index`` (``len(index) x G``), in the order given."""
         index = np.asarray(index)
         if self.on_disk:  # on-disk readers want increasing positions
             order = np.argsort(index, kind="stable")
             block = self._restrict(self.matrix[index[order]])
             inverse = np.empty_like(order)
             inverse[order] = np.arange(len(order))
-            return block[inverse].toarray().astype(np.float32, copy=False)
-        return self.matrix[index].toarray()
+            return _compact_csr(block[inverse])
+        return self.matrix[index]
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        """Dense ``float32`` rows ``index`` (``len(index) x G``), in the order given."""
+        return self.take_sparse(index).toarray()
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[tuple[int, sp.csr_matrix]]:
         """``(start, csr_block)`` over consecutive row blocks of the model's genes."""

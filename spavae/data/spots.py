@@ -101,9 +101,14 @@ class SpotData:
         """The mini-batch of the spots at positions ``index`` (tensor or array), on the device."""
         rows = index.cpu().numpy() if isinstance(index, torch.Tensor) else np.asarray(index)
         on_device = torch.as_tensor(rows, device=self.device)
-        counts = self._to_device(self.counts.take(rows))
+        sparse = self.counts.take_sparse(rows)
+        counts = self._to_device(sparse.toarray())
+        nonzero = None
         if self.setup.binarize:
             counts = (counts > 0).to(self.dtype)
+        else:  # flat positions of the nonzero counts, read off the sparse rows (cheaper than searching the dense ones)
+            spot = np.repeat(np.arange(len(rows), dtype=np.int64), np.diff(sparse.indptr))
+            nonzero = torch.from_numpy(spot * sparse.shape[1] + sparse.indices).to(self.device, non_blocking=True)
         factors = self.size_factors[on_device]
         expression = self.normalize(counts, factors)
         if self.proteins is not None:
@@ -112,7 +117,7 @@ class SpotData:
             expression = torch.cat([expression, (torch.log1p(proteins) - self._mean[n:]) / self._sd[n:]], dim=1)
             counts = torch.cat([counts, proteins], dim=1)
         covariates = None if self.covariates is None else self.covariates[on_device]
-        return Batch(expression, self.locations[on_device], counts, factors, covariates)
+        return Batch(expression, self.locations[on_device], counts, factors, covariates, nonzero)
 
     def gene_counts(self, positions: np.ndarray) -> np.ndarray:
         """Raw counts of a few model genes (by position) for every spot, ``N x len(positions)``, read in chunks."""
