@@ -92,7 +92,9 @@ def main() -> None:
                      "ari_neighbour_averaged": latent_ari(latent[neighbours].mean(1), truth, n_domains, seed)}
         row = {"case": name, "seed": seed, "n_spots": adata.n_obs, "n_genes": adata.n_vars,
                "model_genes": model.setup.n_genes, "epochs": len(model.history), "steps": model.trainer.state.step,
-               "seconds": round(seconds, 1), "stop_reason": model.trainer.state.stop_reason, "ari": ari, **parts,
+               "seconds": round(seconds, 1), "stop_reason": model.trainer.state.stop_reason,
+               "best_epoch": model.trainer.state.best_epoch, "kernel_scale": model.module.gp.kernel_scale,
+               "ari": ari, **parts,
                "baseline_ari": round(baseline_ari(adata, n_domains, lattice, seed), 4), "domain_lfc": args.lfc,
                "model_options": model_options}
         rows.append(row)
