@@ -137,6 +137,24 @@ def test_batches_carry_the_positions_of_their_nonzero_counts(tmp_path):
         np.testing.assert_array_equal(np.sort(batch.gene_nonzero.numpy()), expected.numpy())
 
 
+def test_the_training_loss_uses_the_batch_nonzero_positions(monkeypatch):
+    """The NB term of a training step scores the very counts whose positions the batch carries (no dense search)."""
+    from spavae.likelihoods import GeneNegativeBinomial
+
+    model = spavae.SpaVAE(_sparse_section(120, 20, density=0.3), seed=0, encoder_layers=(8,), decoder_layers=(8,))
+    searched = []
+    original = GeneNegativeBinomial._nonzero_positions
+
+    def recording(self, value):
+        searched.append(self.observed_nonzero is None or value is not self.observed_nonzero[0])
+        return original(self, value)
+
+    monkeypatch.setattr(GeneNegativeBinomial, "_nonzero_positions", recording)
+    batch = model.data.batch(np.arange(64))
+    loss = model.module.loss(batch, 1.0).loss
+    assert searched == [False] and torch.isfinite(loss)
+
+
 def test_editing_adata_after_building_does_not_change_the_model():
     adata = _sparse_section(300, 40, density=0.3)
     dense = adata.copy()
