@@ -244,14 +244,12 @@ class NegativeBinomialObservation(Observation):
                      observed: torch.Tensor | None = None) -> dist.TorchDistribution:
         """NB of a spot's counts (event shape ``[G]``) given the normalised mean.
 
-        ``observed``: the counts it will score, when they are the batch's gene block, whose nonzero positions
-        the batch may carry (``batch.gene_nonzero``).
+        ``observed``: the counts it will score. When they are the batch's gene block (the first columns), the
+        batch's ``gene_nonzero`` positions are theirs and spare the NB a search.
         """
         mean = normalized_mean * batch.size_factors.unsqueeze(-1) if self.use_size_factors else normalized_mean
-        known = batch.gene_nonzero
-        reads_gene_block = observed is not None and self.columns.start in (0, None) and \
-            self.columns.stop == observed.shape[-1]
-        observed_nonzero = (observed, known) if known is not None and reads_gene_block else None
+        gene_block = observed is not None and batch.gene_nonzero is not None and self.columns.start in (0, None)
+        observed_nonzero = (observed, batch.gene_nonzero) if gene_block else None
         return GeneNegativeBinomial(mean, self.theta(batch.covariates).to(mean.dtype), observed_nonzero).to_event(1)
 
     def model(self, z: torch.Tensor, batch) -> None:
