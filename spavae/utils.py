@@ -76,9 +76,11 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool) -> Path:
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to ``path`` and move it into place only if the block succeeds.
 
-    A crash or interrupt leaves any previous file at ``path`` untouched and no half-written file behind. A missing
-    folder is created; a ``path`` that is a folder, a folder that is a file and a folder without write permission
-    are one-line errors (ValueError, PermissionError) raised before anything is written.
+    A crash or interrupt leaves any previous file at ``path`` untouched and no half-written file behind. The
+    temporary file is flushed to the disk (``fsync``) before it is renamed, and the folder after, so that a power
+    cut cannot leave an empty or partial file under the complete name. A missing folder is created; a ``path`` that
+    is a folder, a folder that is a file and a folder without write permission are one-line errors (ValueError,
+    PermissionError) raised before anything is written.
     """
     path = check_output_file(path, overwrite=True)
     try:
@@ -96,7 +98,24 @@ def atomic_path(path: str | os.PathLike):
     os.chmod(tmp, 0o666 & ~umask)
     try:
         yield Path(tmp)
+        _sync(tmp)
         os.replace(tmp, path)
+        _sync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _sync(path: str | os.PathLike) -> None:
+    """Flush a file's data (or a folder's entries) to the disk, so that a power cut cannot undo them.
+
+    Folders are synced only where they can be opened (POSIX).
+    """
+    folder = os.path.isdir(path)
+    if folder and os.name != "posix":
+        return
+    descriptor = os.open(path, os.O_RDONLY if folder else os.O_RDWR)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
