@@ -43,6 +43,7 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 from torch.distributions import kl_divergence
 
+from spavae.data.batch import Batch
 from spavae.distributed import Communicator
 from spavae.gp import GPBatchTerms, SpatialGP
 from spavae.likelihoods import Observation
@@ -50,26 +51,6 @@ from spavae.nn import GaussianEncoder
 
 GP_SITE, GAUSS_SITE = "z_gp", "z_gauss"
 _PYRO_NAMES = (f"spavae{i}" for i in itertools.count())
-
-
-@dataclass
-class Batch:
-    """One mini-batch: encoder input, GP locations, raw counts, size factors and one-hot sections.
-
-    ``gene_nonzero`` optionally holds the flat positions (``row * n_genes + column``) of the nonzero gene counts,
-    known from the sparse rows the batch was built from; the NB log-probability then needs no search for them.
-    """
-
-    expression: torch.Tensor
-    locations: torch.Tensor
-    counts: torch.Tensor | None
-    size_factors: torch.Tensor | None
-    covariates: torch.Tensor | None = None
-    gene_nonzero: torch.Tensor | None = None
-
-    def args(self) -> tuple:
-        """Positional arguments of ``model``/``guide``."""
-        return self.expression, self.locations, self.counts, self.size_factors, self.covariates
 
 
 @dataclass

@@ -14,10 +14,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from spavae.data.batch import Batch
 from spavae.data.counts import CountRows
 from spavae.data.preprocess import check_count_block
 from spavae.data.setup import DataSetup, protein_matrix, spot_locations
-from spavae.model import Batch
 
 
 class SpotData:

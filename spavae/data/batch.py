@@ -1,0 +1,27 @@
+"""One mini-batch of spots as the model reads it: what the data layer hands to the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Batch:
+    """One mini-batch: encoder input, GP locations, raw counts, size factors and one-hot sections.
+
+    ``gene_nonzero`` optionally holds the flat positions (``row * n_genes + column``) of the nonzero gene counts,
+    known from the sparse rows the batch was built from; the NB log-probability then needs no search for them.
+    """
+
+    expression: torch.Tensor
+    locations: torch.Tensor
+    counts: torch.Tensor | None
+    size_factors: torch.Tensor | None
+    covariates: torch.Tensor | None = None
+    gene_nonzero: torch.Tensor | None = None
+
+    def args(self) -> tuple:
+        """Positional arguments of ``model``/``guide``."""
+        return self.expression, self.locations, self.counts, self.size_factors, self.covariates
