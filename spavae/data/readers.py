@@ -16,13 +16,11 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from spavae.data import spatialdata_io, tenx
+from spavae.data.hdf5 import decode_strings, open_hdf5
 from spavae.data.preprocess import check_counts, check_locations
 
 LABEL_KEY = "ground_truth"
-
-
-def _decode(values: np.ndarray) -> np.ndarray:
-    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object)
 
 
 def _real_array(dataset, where: str, what: str) -> np.ndarray:
@@ -31,16 +29,6 @@ def _real_array(dataset, where: str, what: str) -> np.ndarray:
         kind = "a group" if not isinstance(dataset, h5py.Dataset) else f"dtype {dataset.dtype}"
         raise ValueError(f"{where}: the {what} must be an array of real numbers, got {kind}")
     return np.asarray(dataset[()], dtype=np.float64)
-
-
-def open_hdf5(path: Path) -> h5py.File:
-    """Open an HDF5 file for reading, with one-line errors for a missing or unreadable file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        return h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(f"{path} is not a readable HDF5 file ({err})") from err
 
 
 def read_spavae_h5(
@@ -78,9 +66,9 @@ def read_spavae_h5(
             )
         counts = _real_array(h5[counts_key], f"{path}:{counts_key}", "counts")
         locations = _real_array(h5[spatial_key], f"{path}:{spatial_key}", "locations")
-        genes = _decode(h5["gene"][()]) if "gene" in h5 else None
-        cells = _decode(h5["cell"][()]) if "cell" in h5 else None
-        labels = _decode(h5[label_key][()]) if label_key and label_key in h5 else None
+        genes = decode_strings(h5["gene"][()]) if "gene" in h5 else None
+        cells = decode_strings(h5["cell"][()]) if "cell" in h5 else None
+        labels = decode_strings(h5[label_key][()]) if label_key and label_key in h5 else None
     check_counts(counts, where=f"{path}:{counts_key}")
     check_locations(locations, counts.shape[0], where=f"{path}:{spatial_key}")
     n_spots, n_genes = counts.shape
@@ -169,24 +157,22 @@ def detect_format(path: str | os.PathLike) -> str:
     ``'visium'``, ``'visium-hd'``, ``'xenium'``, ``'spatialdata'``, ``'h5ad'`` or ``'spavae-h5'``;
     anything else raises a ValueError listing the supported formats.
     """
-    from spavae.data.tenx import BIN_FOLDER, MATRIX_FILE, XENIUM_MATRIX_FILE  # tenx builds on this module
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.suffix == ".zarr":
         return "spatialdata"
     if path.is_dir():
-        if (path / "binned_outputs").is_dir() or BIN_FOLDER.match(path.name):
+        if (path / "binned_outputs").is_dir() or tenx.BIN_FOLDER.match(path.name):
             return "visium-hd"
-        if (path / MATRIX_FILE).is_file() and (path / "spatial").is_dir():
+        if (path / tenx.MATRIX_FILE).is_file() and (path / "spatial").is_dir():
             return "visium"
-        if (path / XENIUM_MATRIX_FILE).is_file():
+        if (path / tenx.XENIUM_MATRIX_FILE).is_file():
             return "xenium"
     elif path.suffix == ".h5ad":
         return "h5ad"
     elif path.suffix in (".h5", ".hdf5"):
-        if path.name in (MATRIX_FILE, XENIUM_MATRIX_FILE):
+        if path.name in (tenx.MATRIX_FILE, tenx.XENIUM_MATRIX_FILE):
             raise ValueError(f"{path} is a 10x count matrix without coordinates; pass the folder that holds it "
                              "(the Space Ranger 'outs' folder or the Xenium output folder)")
         return "spavae-h5"
@@ -211,8 +197,6 @@ def read(path: str | os.PathLike, **kwargs) -> ad.AnnData:
     -------
     AnnData with raw counts in ``.X`` and coordinates in ``obsm['spatial']``.
     """
-    from spavae.data import spatialdata_io, tenx  # they build on this module
-
     readers = {
         "visium": tenx.read_visium,
         "visium-hd": tenx.read_visium_hd,

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from spavae.data.hdf5 import decode_strings, open_hdf5
 from spavae.data.preprocess import check_locations
-from spavae.data.readers import _decode, open_hdf5
 
 GENE_EXPRESSION = "Gene Expression"
 MATRIX_FILE = "filtered_feature_bc_matrix.h5"
@@ -51,15 +51,15 @@ def _read_matrix(path: Path) -> tuple[ad.AnnData, dict]:
             raise KeyError(f"{path}: the 10x matrix lacks matrix/{missing}; the file is truncated or not a 10x matrix")
         n_features, n_barcodes = (int(n) for n in group["shape"][()])
         data, indices, indptr = group["data"][()], group["indices"][()], group["indptr"][()]
-        barcodes = _decode(group["barcodes"][()])
+        barcodes = decode_strings(group["barcodes"][()])
         features = group["features"]
         var = pd.DataFrame({
-            "gene_ids": _decode(features["id"][()]),
-            "gene_names": _decode(features["name"][()]),
-            "feature_types": _decode(features["feature_type"][()]),
+            "gene_ids": decode_strings(features["id"][()]),
+            "gene_names": decode_strings(features["name"][()]),
+            "feature_types": decode_strings(features["feature_type"][()]),
         })
         if "genome" in features:
-            var["genome"] = _decode(features["genome"][()])
+            var["genome"] = decode_strings(features["genome"][()])
         attrs = {key: (value.decode() if isinstance(value, bytes) else value) for key, value in h5.attrs.items()}
     if n_barcodes == 0 or n_features == 0:
         raise ValueError(f"{path}: the matrix is empty ({n_barcodes} barcodes x {n_features} features)")
@@ -156,7 +156,7 @@ def read_tissue_positions(spatial_dir: str | os.PathLike) -> pd.DataFrame:
     missing = [c for c in POSITION_COLUMNS if c not in positions.columns]
     if missing:
         raise KeyError(f"{path} lacks the column(s) {missing}; columns present: {list(positions.columns)}")
-    positions["barcode"] = _decode(positions["barcode"].to_numpy())
+    positions["barcode"] = decode_strings(positions["barcode"].to_numpy())
     if not positions["barcode"].is_unique:
         raise ValueError(f"{path}: {int(positions['barcode'].duplicated().sum())} barcode(s) appear twice")
     return positions.set_index("barcode")[POSITION_COLUMNS[1:]]
@@ -207,7 +207,7 @@ def _read_spaceranger(folder: Path, *, library_id: str | None, load_images: bool
     check_locations(adata.obsm["spatial"], adata.n_obs, where=str(positions_file))
     if library_id is None:
         library_ids = attrs.get("library_ids")
-        library_id = _decode(np.atleast_1d(library_ids))[0] if library_ids is not None else folder.name
+        library_id = decode_strings(np.atleast_1d(library_ids))[0] if library_ids is not None else folder.name
     adata.uns["spatial"] = {library_id: {
         "images": _read_images(spatial_dir) if load_images else {},
         "scalefactors": json.loads(scalefactors_path.read_text()),
@@ -342,7 +342,7 @@ def read_xenium(path: str | os.PathLike) -> ad.AnnData:
     missing = [c for c in ("cell_id", "x_centroid", "y_centroid") if c not in cells.columns]
     if missing:
         raise KeyError(f"{cells_path} lacks the column(s) {missing}; columns present: {list(cells.columns)}")
-    cells = cells.assign(cell_id=_decode(cells["cell_id"].to_numpy())).set_index("cell_id")
+    cells = cells.assign(cell_id=decode_strings(cells["cell_id"].to_numpy())).set_index("cell_id")
     cells = _match(adata.obs_names, cells, matrix=matrix_path, table_path=cells_path, what="cell ids")
     adata.obsm["spatial"] = cells[["x_centroid", "y_centroid"]].to_numpy(dtype=np.float64)
     check_locations(adata.obsm["spatial"], adata.n_obs, where=str(cells_path))
