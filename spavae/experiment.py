@@ -29,7 +29,6 @@ import logging.config
 import math
 import os
 import pickle
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -42,7 +41,7 @@ import torch
 from sklearn.feature_selection import f_classif
 from sklearn.neighbors import KNeighborsClassifier
 
-import spavae
+from spavae import __version__
 from spavae.analysis import (
     choose_n_domains,
     cluster_kmeans,
@@ -53,10 +52,11 @@ from spavae.analysis import (
 )
 from spavae.api import SpaVAE
 from spavae.config import ExperimentConfig, load_config
-from spavae.data import filter_empty, normalize_log_scale, read, size_factors
+from spavae.data import normalize_log_scale, size_factors
 from spavae.data.readers import LABEL_KEY
 from spavae.data.setup import DataSetup
 from spavae.distributed import Communicator, session
+from spavae.run_folder import RunFolder, load_data
 from spavae.train import Trainer
 from spavae.utils import atomic_path
 
@@ -70,44 +70,7 @@ TB_PARTS = {"loss": "total", "nb": "nb", "kl_gp": "kl_gp", "kl_gauss": "kl_gauss
 """History columns (``train_``/``val_`` prefixed) written to TensorBoard, with their tag names."""
 
 
-class RunFolder:
-    """Paths inside one run folder ``<save_dir>/<name>/``."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.checkpoint = self.root / "checkpoint"
-        self.log = self.root / "log"
-        self.results = self.root / "results"
-        self.config = self.checkpoint / "config.json"
-        self.split = self.checkpoint / "split.json"
-        self.best = self.checkpoint / "model_best.pth"
-        self.history = self.log / "history.csv"
-
-    def checkpoint_file(self, epoch: int) -> Path:
-        """``checkpoint-epoch<epoch>.pth``."""
-        return self.checkpoint / f"checkpoint-epoch{epoch}.pth"
-
-    def checkpoints(self) -> list[tuple[int, Path]]:
-        """``(epoch, path)`` of every epoch checkpoint, oldest first."""
-        found = []
-        for path in self.checkpoint.glob("checkpoint-epoch*.pth"):
-            match = re.fullmatch(r"checkpoint-epoch(\d+)\.pth", path.name)
-            if match:
-                found.append((int(match.group(1)), path))
-        return sorted(found)
-
-
 # ---------------------------------------------------------------------- data
-def load_data(config: ExperimentConfig) -> ad.AnnData:
-    """Read ``data.path`` (spaVAE .h5 or .h5ad) and drop zero-count spots and genes."""
-    data = config.data
-    if data.path is None:
-        raise ValueError("data.path: no input file; set it in the config or pass --data PATH")
-    options = {"layer": data.layer, "spatial_key": data.spatial_key, "label_key": data.label_key} \
-        if str(data.path).endswith(".h5ad") else {}
-    return filter_empty(read(data.path, **{k: v for k, v in options.items() if v is not None}))
-
-
 def draw_test_spots(obs_names: pd.Index, test_size: float, seed: int) -> list[str]:
     """A seeded random ``test_size`` fraction (at least one spot, at most all but four) of the spot names."""
     n_test = min(max(int(round(len(obs_names) * test_size)), 1), len(obs_names) - 4)
@@ -230,7 +193,7 @@ class Recorder:
     def checkpoint(self, trainer: Trainer) -> None:
         """Write ``checkpoint-epoch<N>.pth`` (and the history) atomically; prune old ones if configured."""
         state = trainer.state
-        payload = {"format": CHECKPOINT_FORMAT, "spavae": spavae.__version__, "epoch": state.epoch,
+        payload = {"format": CHECKPOINT_FORMAT, "spavae": __version__, "epoch": state.epoch,
                    "config": self.config.to_dict(), "trainer": trainer.state_dict()}
         self.saved = (state.epoch, state.stop_reason)
         if not self.is_main:
@@ -285,7 +248,7 @@ def train(config: ExperimentConfig, *, log_config: str | os.PathLike | None = No
         adata = load_data(config)
         communicator.on_main(_start_run_folder, run, config, adata)
         with _rank_logging(run, log_config, communicator):
-            logger.info("spavae %s: run %s, data %s", spavae.__version__, run.root, config.data.path)
+            logger.info("spavae %s: run %s, data %s", __version__, run.root, config.data.path)
             if communicator.world_size > 1:
                 logger.info("data-parallel training over %d processes", communicator.world_size)
             _fit(config, run, adata, None, communicator)

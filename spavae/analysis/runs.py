@@ -17,6 +17,8 @@ import anndata as ad
 import pandas as pd
 
 from spavae.api import SpaVAE
+from spavae.config import load_config
+from spavae.run_folder import RunFolder, load_data
 
 RUN_FILES = ("results.h5ad", "model.pt")
 TRAIN_DOMAIN_COLUMNS = {"domain": "spavae_domain", "domain_refined": "spavae_domain_refined"}
@@ -79,9 +81,6 @@ def _read_h5ad(path: Path) -> ad.AnnData:
 
 
 def _train_run(root: Path, device: str | None) -> TrainedRun:
-    from spavae.config import load_config
-    from spavae.experiment import RunFolder, load_data
-
     run = RunFolder(root)
     config = load_config(run.config)
     if config.data.path is None or not Path(config.data.path).is_file():
