@@ -15,15 +15,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-import spavae
+from spavae import __version__
 from spavae.beta import PIController
 from spavae.builder import GP_DTYPE, build_module
+from spavae.data.batch import Batch
 from spavae.data.setup import DataSetup
 from spavae.data.spots import SpotData
 from spavae.likelihoods import NegativeBinomialObservation
-from spavae.model import Batch
 from spavae.train import Trainer, auto_batch_size
-from spavae.utils import atomic_path, check_number, check_output_file, resolve_device, resolve_dtype, set_seed
+from spavae.utils import atomic_path, check_number, check_output_file, resolve_device, resolve_dtype, seeded
 
 logger = logging.getLogger("spavae")
 
@@ -98,7 +98,9 @@ class SpaVAE:
     device
         ``'auto'`` (CUDA if available), ``'cpu'`` or ``'cuda'``.
     seed
-        Seed for weight initialisation, the split, shuffling and sampling.
+        Seed for weight initialisation, the split, shuffling and sampling. Building, loading and training a model
+        draw from generators seeded with it and leave the global random state of the session (Python, NumPy,
+        torch, Pyro) as they found it.
     setup
         A fitted :class:`~spavae.data.setup.DataSetup` to use instead of fitting one on ``adata`` (how
         :meth:`load` applies a saved model to new spots); the data options above are then taken from it.
@@ -144,15 +146,14 @@ class SpaVAE:
         if gp_n_obs not in ("all", "train"):
             raise ValueError(f"gp_n_obs must be one of ['all', 'train'], got {gp_n_obs!r}")
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
-        set_seed(seed)
-        self.setup = setup if setup is not None else DataSetup.fit(
-            adata, layer=layer, spatial_key=spatial_key, batch_key=batch_key, protein_key=protein_key,
-            likelihood=likelihood, n_top_genes=n_top_genes, loc_range=loc_range, location_frame=location_frame,
-            inducing=inducing,
-            inducing_steps=inducing_steps, n_inducing=n_inducing, seed=seed)
-        self.data = SpotData(adata, self.setup, device=self.device, dtype=self.dtype, gp_dtype=GP_DTYPE)
-        self.module = build_module(self.setup, n_obs=len(self.data), dtype=self.dtype, **module_options)
-        self.module.to(self.device)
+        with seeded(seed, self.device):  # the weights depend on the seed alone; the caller's generators are untouched
+            self.setup = setup if setup is not None else DataSetup.fit(
+                adata, layer=layer, spatial_key=spatial_key, batch_key=batch_key, protein_key=protein_key,
+                likelihood=likelihood, n_top_genes=n_top_genes, loc_range=loc_range, location_frame=location_frame,
+                inducing=inducing, inducing_steps=inducing_steps, n_inducing=n_inducing, seed=seed)
+            self.data = SpotData(adata, self.setup, device=self.device, dtype=self.dtype, gp_dtype=GP_DTYPE)
+            self.module = build_module(self.setup, n_obs=len(self.data), dtype=self.dtype, **module_options)
+            self.module.to(self.device)
         self.history: pd.DataFrame = pd.DataFrame()
         self.is_trained = False
         self.train_params: dict = {}
@@ -265,27 +266,28 @@ class SpaVAE:
             check_number("kl_target", kl_target, low=0, inclusive=False)
         if resume is not None and not (isinstance(resume, dict) and {"module", "split", "state"} <= set(resume)):
             raise ValueError("resume must be a Trainer.state_dict() (the 'trainer' entry of a checkpoint-epoch*.pth)")
-        set_seed(self.init_params["seed"])
-        controller = (PIController(kl_target * self.module.n_latent, beta_init=beta, beta_min=beta_min, beta_max=beta_max)
-                      if dynamic_beta else beta)
-        generator = torch.Generator().manual_seed(self.init_params["seed"])
-        trainer = Trainer(self.module, self.data, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                          train_size=train_size, patience=patience, beta=controller, num_samples=num_samples,
-                          noise=noise, generator=generator, lr_scheduler=lr_scheduler, callbacks=callbacks,
-                          max_steps=max_steps)
-        if resume is not None:
-            trainer.load_state_dict(resume)
-        if self.init_params["gp_n_obs"] == "train":
-            self.module.n_obs = len(trainer.train_index)
-        self.trainer, self._gp_posterior = trainer, None
-        try:
-            if not trainer.finished(max_epochs):
-                trainer.fit(max_epochs - trainer.state.epoch, progress=progress)
-        finally:
-            trainer.restore_best()
-            self.history = pd.DataFrame(trainer.state.history)
-        self.is_trained = True
-        self.refresh_gp_posterior()
+        # the dropout masks and latent draws depend on the seed alone; the caller's generators are untouched
+        with seeded(self.init_params["seed"], self.device):
+            controller = (PIController(kl_target * self.module.n_latent, beta_init=beta, beta_min=beta_min,
+                                       beta_max=beta_max) if dynamic_beta else beta)
+            generator = torch.Generator().manual_seed(self.init_params["seed"])
+            trainer = Trainer(self.module, self.data, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                              train_size=train_size, patience=patience, beta=controller, num_samples=num_samples,
+                              noise=noise, generator=generator, lr_scheduler=lr_scheduler, callbacks=callbacks,
+                              max_steps=max_steps)
+            if resume is not None:
+                trainer.load_state_dict(resume)
+            if self.init_params["gp_n_obs"] == "train":
+                self.module.n_obs = len(trainer.train_index)
+            self.trainer, self._gp_posterior = trainer, None
+            try:
+                if not trainer.finished(max_epochs):
+                    trainer.fit(max_epochs - trainer.state.epoch, progress=progress)
+            finally:
+                trainer.restore_best()
+                self.history = pd.DataFrame(trainer.state.history)
+            self.is_trained = True
+            self.refresh_gp_posterior()
         return self
 
     # ------------------------------------------------------------------ outputs
@@ -564,7 +566,7 @@ class SpaVAE:
             if key in self.init_params:
                 init[key] = list(self.init_params[key])
         versions = {name: importlib.metadata.version(name) for name in ("torch", "gpytorch", "pyro-ppl", "anndata")}
-        versions["spavae"] = spavae.__version__
+        versions["spavae"] = __version__
         train = {k: v for k, v in self.train_params.items() if v is not None}
         out = {"init": init, "train": train, "versions": versions, "n_genes": len(self.var_names),
                "n_inducing": int(len(self.setup.inducing_points)),
@@ -583,7 +585,7 @@ class SpaVAE:
         """
         path = check_output_file(path, overwrite=overwrite)
         posterior = self._gp_posterior if self._gp_posterior is not None else self._full_data_posterior()
-        payload = {"format": MODEL_FORMAT, "version": spavae.__version__, "state_dict": self.module.state_dict(),
+        payload = {"format": MODEL_FORMAT, "version": __version__, "state_dict": self.module.state_dict(),
                    "init_params": self.init_params, "setup": self.setup.to_dict(), "gp_posterior": posterior,
                    "train_params": self.train_params, "history": self.history.to_dict("list"), "n_spots": len(self.data),
                    "is_trained": self.is_trained}
@@ -617,11 +619,11 @@ class SpaVAE:
             raise ValueError(f"{path} is not a spavae model file; give a file written by SpaVAE.save")
         if isinstance(payload.get("format"), int) and payload["format"] > MODEL_FORMAT:
             raise ValueError(f"{path} was written by spavae {payload.get('version', '?')} (model format "
-                             f"{payload['format']}), newer than this spavae {spavae.__version__} (format "
+                             f"{payload['format']}), newer than this spavae {__version__} (format "
                              f"{MODEL_FORMAT}); upgrade spavae to load it")
         if payload.get("format") != MODEL_FORMAT:
             raise ValueError(f"{path} was written by spavae {payload.get('version', '?')} without the fitted data "
-                             f"setup that spavae {spavae.__version__} needs (model format {MODEL_FORMAT}); "
+                             f"setup that spavae {__version__} needs (model format {MODEL_FORMAT}); "
                              "train the model again with this version")
         params = dict(payload["init_params"])
         if device is not None:

@@ -6,24 +6,42 @@ import math
 import os
 import random
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import pyro
 import torch
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy, torch (CPU and CUDA) and Pyro."""
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
+@contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run the block with the global generators of Python, NumPy and torch (those Pyro draws from) seeded with
+    ``seed``, then hand the caller back the states they had.
+
+    What the block draws depends on ``seed`` alone, and the caller's random streams go on afterwards as if the block
+    had not run. torch's generator of ``device`` is seeded and restored too when it is a CUDA device; the CUDA
+    generators are left alone otherwise.
+    """
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    random.seed(seed)
-    np.random.seed(seed)
-    pyro.set_rng_seed(seed)
-    torch.manual_seed(seed)
+    cuda = [] if device is None or device.type != "cuda" else \
+        [device.index if device.index is not None else torch.cuda.current_device()]
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=cuda):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.random.default_generator.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def check_number(name: str, value, *, integer: bool = False, low: float | None = None,

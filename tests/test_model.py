@@ -1,14 +1,18 @@
-"""The Pyro model/guide and the total loss against a plain-torch computation of ALGORITHM section 13."""
+"""The Pyro model/guide and the total loss against a plain-torch computation of ALGORITHM section 13; seeding."""
 
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
 from pyro.infer import Predictive, TraceMeanField_ELBO
 
+from spavae import SpaVAE
 from spavae.gp import CauchyKernel, SpatialGP
 from spavae.likelihoods import NegativeBinomialObservation, nb_log_prob
-from spavae.model import Batch, SpaVAEModule
+from spavae.data.batch import Batch
+from spavae.model import SpaVAEModule
 
 D = torch.float64
 
@@ -138,3 +142,38 @@ def test_parameter_count_of_the_original_architecture():
     module = SpaVAEModule(3000, SpatialGP(inducing, 2, CauchyKernel(20.0)), 8, 3639,
                           [NegativeBinomialObservation(3000, 10)])
     assert sum(p.numel() for p in module.parameters() if p.requires_grad) == 785_733
+
+
+def global_random_state() -> tuple:
+    """The global generators of Python, NumPy and torch (Pyro draws from these), comparable with ``==``."""
+    name, keys, *rest = np.random.get_state()
+    return random.getstate(), (name, keys.tolist(), *rest), torch.get_rng_state().tolist()
+
+
+def test_building_training_and_loading_leave_the_global_random_state_alone(small_adata, tmp_path):
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    before = global_random_state()
+    model = SpaVAE(small_adata, seed=0, device="cpu")
+    assert global_random_state() == before
+    model.train(max_epochs=1, progress=False)
+    assert global_random_state() == before
+    model.save(tmp_path / "model.pt")
+    SpaVAE.load(tmp_path / "model.pt", small_adata)
+    assert global_random_state() == before
+
+
+def test_the_same_seed_gives_the_same_model_and_training_whatever_the_global_state(small_adata):
+    def trained(seed, global_seed):
+        torch.manual_seed(global_seed), np.random.seed(global_seed), random.seed(global_seed)
+        model = SpaVAE(small_adata, seed=seed, device="cpu")
+        initial = {k: v.clone() for k, v in model.module.state_dict().items()}
+        model.train(max_epochs=2, progress=False)
+        return initial, model
+
+    (first_init, first), (second_init, second) = trained(0, 1), trained(0, 2)
+    other_init, _ = trained(1, 1)
+    for key, value in first_init.items():
+        assert torch.equal(value, second_init[key]), key
+    assert any(not torch.equal(value, other_init[key]) for key, value in first_init.items())
+    assert first.history["train_loss"].tolist() == second.history["train_loss"].tolist()
+    np.testing.assert_array_equal(first.get_latent_representation(), second.get_latent_representation())
