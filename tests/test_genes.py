@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import scanpy as sc
 import scipy.sparse as sp
 
 from spavae.data.genes import highly_variable_genes, loess_fit
@@ -146,7 +147,6 @@ def test_reads_only_row_chunks_and_keeps_them_sparse():
 
 
 def test_matches_scanpy_seurat_v3():
-    sc = pytest.importorskip("scanpy")
     counts = _counts(n_spots=500, n_genes=800, seed=6)
     adata = anndata.AnnData(sp.csr_matrix(counts))
     with warnings.catch_warnings():
@@ -159,6 +159,73 @@ def test_matches_scanpy_seurat_v3():
     cut = np.sort(result["variances_norm"].to_numpy())[::-1][99]
     # scanpy's unstable argsort may order exact ties at the cut-off differently; nothing else may differ
     assert np.all(result["variances_norm"].to_numpy()[differ] == cut)
+
+
+def _sections(n_spots: int = 300, n_genes: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """Three sections (of 300, 150 and 300 spots) of the same genes: near-Poisson counts, every tenth gene
+    overdispersed within each section; gene 0 is Poisson within each section, but its level differs between them
+    (1 count on average in the first section, 8 in the others)."""
+    sizes = (n_spots, n_spots // 2, n_spots)
+    gene_mean = np.exp(np.random.default_rng(0).normal(-1.0, 1.5, size=n_genes))
+    blocks = []
+    for seed, size in enumerate(sizes):
+        rng = np.random.default_rng(10 + seed)
+        mean = gene_mean * rng.lognormal(0, 0.3, size=(size, 1))
+        mean = mean * np.exp(rng.normal(0, 0.8, size=(size, n_genes)) * (np.arange(n_genes) % 10 == 5))
+        blocks.append(rng.negative_binomial(30, 30 / (30 + mean)).astype(np.float32))
+    counts = np.vstack(blocks)
+    labels = np.repeat(np.array(["s1", "s2", "s3"]), sizes)
+    counts[:, 0] = np.random.default_rng(9).poisson(np.where(labels == "s1", 1.0, 8.0))
+    return counts, labels
+
+
+def test_a_gene_shifted_between_sections_but_flat_within_them_is_not_selected():
+    counts, labels = _sections()
+    pooled = highly_variable_genes(counts, n_top_genes=30)
+    assert pooled["highly_variable"][0]  # pooling the sections makes the shift look like variability
+    result = highly_variable_genes(counts, n_top_genes=30, batches=labels, chunk_size=128)
+    assert not result["highly_variable"][0]
+    assert result["highly_variable_nbatches"][0] == 0 and np.isnan(result["highly_variable_rank"][0])
+    assert result["highly_variable"].sum() == 30
+
+
+@pytest.mark.parametrize("flavor", ["seurat_v3", "seurat_v3_paper"])
+def test_matches_scanpy_seurat_v3_with_batch_key(flavor):
+    counts, labels = _sections()
+    adata = anndata.AnnData(sp.csr_matrix(counts))
+    adata.obs["section"] = labels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = sc.pp.highly_variable_genes(adata, flavor=flavor, n_top_genes=60, batch_key="section",
+                                                inplace=False)
+    result = highly_variable_genes(adata.X, n_top_genes=60, batches=labels, flavor=flavor, chunk_size=100)
+    for column in ("means", "variances", "variances_norm"):
+        np.testing.assert_allclose(result[column].to_numpy(), reference[column].to_numpy(), rtol=1e-9, atol=1e-12)
+    # scanpy ranks each section with an unstable argsort, so genes tied in normalised variance within a section
+    # (low counts with equal sums) may swap ranks; every difference must come from such a tie
+    tied = np.zeros(len(result), dtype=bool)
+    for section in np.unique(labels):
+        norm = highly_variable_genes(counts[labels == section], n_top_genes=60)["variances_norm"].to_numpy()
+        _, inverse, count = np.unique(norm, return_inverse=True, return_counts=True)
+        tied |= count[inverse] > 1
+    rank, reference_rank = result["highly_variable_rank"].to_numpy(), reference["highly_variable_rank"].to_numpy()
+    rank_differs = ~((rank == reference_rank) | (np.isnan(rank) & np.isnan(reference_rank)))
+    rank_differs |= result["highly_variable_nbatches"].to_numpy() != reference["highly_variable_nbatches"].to_numpy()
+    assert tied[rank_differs].all() and rank_differs.sum() <= 10
+    selection_differs = result["highly_variable"].to_numpy() != reference["highly_variable"].to_numpy()
+    assert rank_differs[selection_differs].all()
+    assert result["highly_variable"].sum() == 60
+
+
+def test_sections_are_read_in_the_same_row_chunks_dense_sparse_or_on_disk(tmp_path):
+    counts, labels = _sections(n_spots=120)
+    whole = highly_variable_genes(counts, n_top_genes=30, batches=labels, chunk_size=len(counts))
+    recorder = RowSliceRecorder(sp.csr_matrix(counts))
+    chunked = highly_variable_genes(recorder, n_top_genes=30, batches=labels, chunk_size=50)
+    assert recorder.requests == [50, 50, 50, 50, 50, 50] * 2
+    pd.testing.assert_frame_equal(chunked, whole, check_exact=False, rtol=1e-12)
+    pd.testing.assert_frame_equal(highly_variable_genes(counts, n_top_genes=30, batches=labels, chunk_size=7),
+                                  whole, check_exact=False, rtol=1e-12)
 
 
 def test_planted_domain_genes_beat_mean_matched_noise_genes():
@@ -195,6 +262,14 @@ def test_rejects_bad_input_with_one_line_errors():
         highly_variable_genes(counts[:1])
     with pytest.warns(UserWarning, match="non-integer"):
         highly_variable_genes(counts + 0.5)
+    with pytest.raises(ValueError, match="batches has 2 labels for 300 spots"):
+        highly_variable_genes(counts, batches=["a", "b"])
+    with pytest.raises(ValueError, match="batches has 1 missing label"):
+        highly_variable_genes(counts, batches=[None] + ["a"] * 299)
+    with pytest.raises(ValueError, match="section 'b' has 1 spot"):
+        highly_variable_genes(counts, batches=["a"] * 299 + ["b"])
+    with pytest.raises(ValueError, match="flavor must be 'seurat_v3' or 'seurat_v3_paper', got 'seurat'"):
+        highly_variable_genes(counts, flavor="seurat")
 
 
 def test_default_chunks_shrink_when_there_are_many_genes():

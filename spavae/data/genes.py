@@ -9,6 +9,12 @@ The selection follows Seurat v3 as implemented by scanpy's ``highly_variable_gen
    ``mean + sigma_g * sqrt(N)``); ``sum(z_clipped^2) / (N - 1)`` is the normalised variance;
 4. genes are ranked by normalised variance; the ``n_top_genes`` first are highly variable.
 
+With several sections (scanpy's ``batch_key``), steps 1-4 run within each section, so a gene whose level differs
+between sections but not within them is not mistaken for a variable one. A gene's highly-variable rank is then
+its median rank over the sections where it is among the ``n_top_genes`` first, and the genes are sorted by that
+median rank, ties broken by the number of such sections (``flavor='seurat_v3'``), or by the number of sections
+first and the median rank second (``flavor='seurat_v3_paper'``, Seurat's ``SelectIntegrationFeatures``).
+
 Both passes over the counts read ``chunk_size`` rows at a time, so a CSR matrix, a dense array or an on-disk backed
 matrix is never densified whole. The loess is written in numpy: loess's k-d tree with vertex fits and cubic
 Hermite interpolation (scikit-misc's default ``surface='interpolate'``, which scanpy uses) or a direct fit at every
@@ -36,28 +42,36 @@ def default_chunk_size(n_genes: int) -> int:
     return max(1, min(10_000, _CHUNK_ELEMENTS // max(n_genes, 1)))
 
 
-def _row_chunks(matrix, chunk_size: int) -> Iterator[np.ndarray | sp.csr_matrix]:
-    """Consecutive row blocks of ``matrix`` as float64 dense arrays or CSR matrices."""
+def _row_chunks(matrix, chunk_size: int) -> Iterator[tuple[int, np.ndarray | sp.csr_matrix]]:
+    """``(start, block)`` over consecutive row blocks of ``matrix``, as float64 dense arrays or CSR matrices."""
     n_rows = matrix.shape[0]
     for start in range(0, n_rows, chunk_size):
         block = matrix[start:min(start + chunk_size, n_rows)]
         if sp.issparse(block):
             block = sp.csr_matrix(block, dtype=np.float64)
             block.sum_duplicates()
-            yield block
+            yield start, block
         else:
-            yield np.asarray(block, dtype=np.float64)
+            yield start, np.asarray(block, dtype=np.float64)
 
 
-def _column_sums(block, *, clip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column sum and sum of squares of a block, its values first clipped from above at ``clip``."""
+def _column_sums(block, codes: np.ndarray, n_batches: int, *,
+                 clip: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-batch column sums and sums of squares of a block, its values first clipped from above at ``clip``.
+
+    ``codes`` gives the batch of each row of the block; the sums are ``n_batches x n_columns``, and ``clip`` (if
+    given) holds one row of clip values per batch.
+    """
+    n_cols = block.shape[1]
     if sp.issparse(block):
-        values = block.data if clip is None else np.minimum(block.data, clip[block.indices])
-        n_cols = block.shape[1]
-        return (np.bincount(block.indices, weights=values, minlength=n_cols),
-                np.bincount(block.indices, weights=values * values, minlength=n_cols))
-    values = block if clip is None else np.minimum(block, clip)
-    return values.sum(axis=0), np.einsum("ij,ij->j", values, values)
+        row_codes = np.repeat(codes, np.diff(block.indptr))
+        values = block.data if clip is None else np.minimum(block.data, clip[row_codes, block.indices])
+        flat = row_codes * n_cols + block.indices
+        return (np.bincount(flat, weights=values, minlength=n_batches * n_cols).reshape(n_batches, n_cols),
+                np.bincount(flat, weights=values * values, minlength=n_batches * n_cols).reshape(n_batches, n_cols))
+    values = block if clip is None else np.minimum(block, clip[codes])
+    indicator = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_batches, len(codes)))
+    return indicator @ values, indicator @ (values * values)
 
 
 def _check_block(block) -> bool:
@@ -206,8 +220,24 @@ def loess_fit(x: np.ndarray, y: np.ndarray, *, span: float = 0.3, surface: str =
     return out
 
 
-def highly_variable_genes(matrix, n_top_genes: int = 2000, *, span: float = 0.3,
-                          chunk_size: int | None = None) -> pd.DataFrame:
+def _batch_codes(batches, n_spots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Batch index of each spot and the batch labels, with one-line errors for unusable labels."""
+    if batches is None:
+        return np.zeros(n_spots, dtype=np.int64), np.array([None])
+    codes, labels = pd.factorize(pd.Series(np.asarray(batches, dtype=object)), sort=True)
+    if len(codes) != n_spots:
+        raise ValueError(f"batches has {len(codes)} labels for {n_spots} spots; give the section of every spot")
+    if (codes < 0).any():
+        raise ValueError(f"batches has {int((codes < 0).sum())} missing label(s); give the section of every spot")
+    sizes = np.bincount(codes, minlength=len(labels))
+    if sizes.min() < 2:
+        raise ValueError(f"section {labels[np.argmin(sizes)]!r} has {sizes.min()} spot; highly variable genes need "
+                         "at least 2 spots in each section: drop that section or merge it with another")
+    return codes.astype(np.int64), np.asarray(labels)
+
+
+def highly_variable_genes(matrix, n_top_genes: int = 2000, *, batches=None, flavor: str = "seurat_v3",
+                          span: float = 0.3, chunk_size: int | None = None) -> pd.DataFrame:
     """Rank genes by Seurat v3 normalised variance of raw counts, in two chunked passes over the spots.
 
     Parameters
@@ -217,6 +247,13 @@ def highly_variable_genes(matrix, n_top_genes: int = 2000, *, span: float = 0.3,
         slices ``matrix[start:stop]`` are dense or sparse (an h5py dataset, a backed AnnData's ``X``).
     n_top_genes
         Number of genes flagged highly variable (all genes if there are fewer).
+    batches
+        Section (batch) label of each spot, as scanpy's ``adata.obs[batch_key]``: genes are ranked within each
+        section and the ranks combined (see the module doc). ``None``: one section.
+    flavor
+        How ranks of several sections are combined, as in scanpy: ``'seurat_v3'`` sorts by median rank, then by
+        the number of sections where the gene is highly variable; ``'seurat_v3_paper'`` the other way round.
+        Both give the same genes for one section.
     span
         Loess span, the fraction of genes in each local fit of log10 variance on log10 mean.
     chunk_size
@@ -225,9 +262,11 @@ def highly_variable_genes(matrix, n_top_genes: int = 2000, *, span: float = 0.3,
 
     Returns
     -------
-    DataFrame indexed by gene position with scanpy's columns: ``means``, ``variances`` (``ddof=1``),
-    ``variances_norm``, ``highly_variable`` (bool) and ``highly_variable_rank`` (0 = most variable; NaN outside
-    the top ``n_top_genes``). Ties in normalised variance keep gene order.
+    DataFrame indexed by gene position with scanpy's columns: ``means`` and ``variances`` (``ddof=1``) over all
+    spots, ``variances_norm`` (averaged over the sections), ``highly_variable`` (bool), ``highly_variable_rank``
+    (0 = most variable; with sections the median rank over the sections where the gene is among the
+    ``n_top_genes`` first; NaN if it is in none) and, when ``batches`` is given, ``highly_variable_nbatches``.
+    Ties in normalised variance keep gene order.
     """
     if isinstance(matrix, ad.AnnData):
         raise ValueError("highly_variable_genes takes the count matrix, not the AnnData: pass adata.X or the "
@@ -240,44 +279,62 @@ def highly_variable_genes(matrix, n_top_genes: int = 2000, *, span: float = 0.3,
         raise ValueError(f"highly_variable_genes needs at least 2 spots, got {n_spots}")
     if int(n_top_genes) < 1:
         raise ValueError(f"n_top_genes must be at least 1, got {n_top_genes}")
+    if flavor not in ("seurat_v3", "seurat_v3_paper"):
+        raise ValueError(f"flavor must be 'seurat_v3' or 'seurat_v3_paper', got {flavor!r}")
     chunk_size = default_chunk_size(n_genes) if chunk_size is None else int(chunk_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     n_top_genes = min(int(n_top_genes), n_genes)
+    codes, labels = _batch_codes(batches, n_spots)
+    n_batches = len(labels)
+    spots = np.bincount(codes, minlength=n_batches)[:, None]
 
-    total, total_sq = np.zeros(n_genes), np.zeros(n_genes)
+    total, total_sq = np.zeros((n_batches, n_genes)), np.zeros((n_batches, n_genes))
     integer = True
-    for block in _row_chunks(matrix, chunk_size):
+    for start, block in _row_chunks(matrix, chunk_size):
         integer &= _check_block(block)
-        block_sum, block_sq = _column_sums(block)
+        block_sum, block_sq = _column_sums(block, codes[start:start + block.shape[0]], n_batches)
         total += block_sum
         total_sq += block_sq
     if not integer:
         warnings.warn("highly_variable_genes expects raw counts, but non-integer values were found",
                       UserWarning, stacklevel=2)
-    mean = total / n_spots
-    variance = np.maximum(total_sq - n_spots * mean**2, 0.0) / (n_spots - 1)
+    mean = total / spots
+    variance = np.maximum(total_sq - spots * mean**2, 0.0) / (spots - 1)
 
-    varying = variance > 0
-    log_expected_variance = np.zeros(n_genes)
-    log_expected_variance[varying] = loess_fit(np.log10(mean[varying]), np.log10(variance[varying]), span=span)
-    expected_sd = np.sqrt(10.0**log_expected_variance)
+    expected_sd = np.ones((n_batches, n_genes))
+    for index in range(n_batches):
+        varying = variance[index] > 0
+        log_expected_variance = loess_fit(np.log10(mean[index, varying]), np.log10(variance[index, varying]),
+                                          span=span)
+        expected_sd[index, varying] = np.sqrt(10.0**log_expected_variance)
 
-    clip = mean + expected_sd * np.sqrt(n_spots)
-    clipped_sum, clipped_sq = np.zeros(n_genes), np.zeros(n_genes)
-    for block in _row_chunks(matrix, chunk_size):
-        block_sum, block_sq = _column_sums(block, clip=clip)
+    clip = mean + expected_sd * np.sqrt(spots)
+    clipped_sum, clipped_sq = np.zeros((n_batches, n_genes)), np.zeros((n_batches, n_genes))
+    for start, block in _row_chunks(matrix, chunk_size):
+        block_sum, block_sq = _column_sums(block, codes[start:start + block.shape[0]], n_batches, clip=clip)
         clipped_sum += block_sum
         clipped_sq += block_sq
-    variance_norm = (n_spots * mean**2 + clipped_sq - 2 * clipped_sum * mean) / ((n_spots - 1) * expected_sd**2)
+    variance_norm = (spots * mean**2 + clipped_sq - 2 * clipped_sum * mean) / ((spots - 1) * expected_sd**2)
 
-    rank = np.empty(n_genes)
-    rank[np.argsort(-variance_norm, kind="stable")] = np.arange(n_genes)
-    selected = rank < n_top_genes
-    return pd.DataFrame({
-        "means": mean,
-        "variances": variance,
-        "variances_norm": variance_norm,
+    rank = np.empty((n_batches, n_genes))
+    for index in range(n_batches):
+        rank[index, np.argsort(-variance_norm[index], kind="stable")] = np.arange(n_genes)
+    top = rank < n_top_genes
+    n_batches_top = top.sum(axis=0)
+    median_rank = np.ma.median(np.ma.masked_array(rank, ~top), axis=0).filled(np.nan)
+    keys = (-n_batches_top, median_rank) if flavor == "seurat_v3" else (median_rank, -n_batches_top)
+    selected = np.zeros(n_genes, dtype=bool)
+    selected[np.lexsort(keys)[:n_top_genes]] = True  # lexsort sorts by the last key first; NaN last; stable
+    n_all = float(n_spots)
+    all_mean = total.sum(axis=0) / n_all
+    table = pd.DataFrame({
+        "means": all_mean,
+        "variances": np.maximum(total_sq.sum(axis=0) - n_all * all_mean**2, 0.0) / (n_all - 1),
+        "variances_norm": variance_norm.mean(axis=0),
         "highly_variable": selected,
-        "highly_variable_rank": np.where(selected, rank, np.nan),
+        "highly_variable_rank": median_rank,
     }, index=pd.RangeIndex(n_genes))
+    if batches is not None:
+        table["highly_variable_nbatches"] = n_batches_top
+    return table
