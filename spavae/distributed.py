@@ -5,6 +5,8 @@ seeded permutation) and rank :math:`r` encodes and decodes its own contiguous sh
 (:meth:`ProcessGroup.shard`). What couples the spots of a batch is made global, so that :math:`W` ranks with
 :math:`b/W` spots each compute exactly the loss and gradients of one process with the whole batch of :math:`b`:
 
+* a batch of fewer spots than ranks (the last chunk of a pass) is not split: every rank computes all of it on its own
+  (:meth:`Communicator.local`), the same result everywhere, and only rank 0's loss and gradients count;
 * the GP posterior :math:`q(u)` is conditioned on the encoder outputs and locations of the **whole** batch:
   :meth:`ProcessGroup.gather_rows` gathers them with an autograd-aware all-gather (its backward sums the gradient
   of every rank's loss and hands each rank the rows of its spots); every rank then computes the same GP terms and
@@ -56,6 +58,25 @@ class Communicator:
     def shard(self, index: torch.Tensor) -> torch.Tensor:
         """This rank's share of the positions of a global mini-batch (all of them in one process)."""
         return index
+
+    @contextlib.contextmanager
+    def local(self, module: nn.Module) -> Iterator[None]:
+        """Within the context, ``module`` computes as in one process: its GP sees this rank's rows only and its batch
+        norms (:class:`GlobalBatchNorm1d`) normalise with them; no collective runs (in one process, nothing changes).
+        """
+        norms = [child for child in module.modules() if isinstance(child, GlobalBatchNorm1d)]
+        communicator = getattr(module, "communicator", None)
+        for norm in norms:
+            norm.local = True
+        if communicator is not None:
+            module.communicator = Communicator()
+        try:
+            yield
+        finally:
+            for norm in norms:
+                norm.local = False
+            if communicator is not None:
+                module.communicator = communicator
 
     def gather_rows(self, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], slice]:
         """The rows of every rank of each ``b_r x k`` tensor, and where this rank's rows lie in them."""
@@ -110,7 +131,8 @@ class ProcessGroup(Communicator):
         self.split_random_streams()
 
     def shard(self, index: torch.Tensor) -> torch.Tensor:
-        """Rank ``r``'s contiguous share of ``index`` (``torch.tensor_split`` into ``world_size`` parts)."""
+        """Rank ``r``'s contiguous share of ``index`` (``torch.tensor_split`` into ``world_size`` parts; empty for some
+        ranks when ``index`` has fewer positions than ranks: compute such a batch whole, within :meth:`local`)."""
         return torch.tensor_split(index, self.world_size)[self.rank]
 
     def gather_rows(self, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], slice]:
@@ -234,12 +256,15 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     ``torch.nn.SyncBatchNorm`` does the same on GPUs only; this one works with any backend (two all-reduces per
     forward pass: the sums, then the sums of squared deviations from the global mean). The running statistics are
     updated with the global mean and unbiased variance, as a ``BatchNorm1d`` of one process sees them, and evaluation
-    is that of ``BatchNorm1d``. The parameters and buffers are those of the converted layer (same names), so state
-    dicts and optimisers are unaffected.
+    is that of ``BatchNorm1d``, as is training with ``local`` set (:meth:`Communicator.local`). The parameters and
+    buffers are those of the converted layer (same names), so state dicts and optimisers are unaffected.
     """
 
+    #: Normalise with this rank's rows only, as ``BatchNorm1d`` (set by :meth:`Communicator.local`).
+    local = False
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        if not self.training or self.local:
             return super().forward(input)
         sums = _SumOverRanks.apply(torch.cat([input.sum(0), input.new_tensor([input.shape[0]])]))
         count = sums[-1].detach()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from spavae.beta import PIController
 from spavae.distributed import Communicator, current_communicator
-from spavae.model import SpaVAEModule
+from spavae.model import LossOutput, SpaVAEModule
 from spavae.utils import check_number
 
 if TYPE_CHECKING:
@@ -188,8 +189,8 @@ class Trainer:
             stop = min(stop, max_steps * self.batch_size)
         for start in range(0, stop, self.batch_size):
             chunk = index[start:start + self.batch_size]
-            if len(chunk) >= max(2, self.communicator.world_size):  # BatchNorm needs two spots, every rank one
-                yield self.communicator.shard(chunk)
+            if len(chunk) >= 2:  # BatchNorm needs two spots
+                yield chunk
 
     def _epoch_batches(self, steps: int):
         """The training batches of one epoch: a shuffled pass over the training spots, then further passes (each
@@ -211,14 +212,15 @@ class Trainer:
         if self.max_steps is not None:
             steps = min(steps, self.max_steps - self.state.step)
         for index in self._epoch_batches(steps):
-            out = self.module.loss(self.data.batch(index), self.current_beta, num_samples=self.num_samples,
-                                   noise=self.noise)
-            loss, kl, n_spots = self.communicator.sum(torch.stack(
-                [out.loss.detach(), (out.kl_gp + out.kl_gauss).detach(), out.loss.new_tensor(out.n_spots)]))
+            out, counted = self._share_loss(index)
+            totals = torch.stack([out.loss.detach(), (out.kl_gp + out.kl_gauss).detach(),
+                                  out.loss.new_tensor(out.n_spots)])
+            loss, kl, n_spots = self.communicator.sum(totals if counted else torch.zeros_like(totals))
             if not torch.isfinite(loss):
                 return None
             self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            if counted:
+                out.loss.backward()
             self.communicator.sum_gradients(self.module.parameters())
             grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), math.inf)
             if not torch.isfinite(grad_norm):
@@ -227,7 +229,7 @@ class Trainer:
             self.state.step += 1
             if isinstance(self.beta, PIController):
                 self.beta.step(float(kl) / float(n_spots))
-            _accumulate(sums, out.detached())
+            _accumulate(sums, out, counted)
         return _per_spot(self.communicator.sum_values(sums))
 
     @torch.no_grad()
@@ -235,10 +237,23 @@ class Trainer:
         self.module.eval()
         sums: dict[str, float] = {}
         for index in self._batches(self.val_index, False, False):
-            out = self.module.loss(self.data.batch(index), self.current_beta, num_samples=self.num_samples,
-                                   noise=self.noise)
-            _accumulate(sums, out.detached())
+            _accumulate(sums, *self._share_loss(index))
         return _per_spot(self.communicator.sum_values(sums))
+
+    def _share_loss(self, index: torch.Tensor) -> tuple[LossOutput, bool]:
+        """This process's part of the loss of the global batch ``index``, and whether it counts in the sums.
+
+        A batch is split over the processes (:meth:`~spavae.distributed.Communicator.shard`), except one with fewer
+        spots than processes: each process then computes all of it on its own
+        (:meth:`~spavae.distributed.Communicator.local`; the same batch-norm statistics everywhere, so the running
+        statistics stay equal) and only rank 0's loss and gradients count, as that batch's in one process.
+        """
+        communicator = self.communicator
+        whole = len(index) < communicator.world_size
+        batch = self.data.batch(index if whole else communicator.shard(index))
+        with communicator.local(self.module) if whole else contextlib.nullcontext():
+            out = self.module.loss(batch, self.current_beta, num_samples=self.num_samples, noise=self.noise)
+        return out, communicator.is_main or not whole
 
     @property
     def budget_spent(self) -> bool:
@@ -402,9 +417,10 @@ class Trainer:
                       RuntimeWarning, stacklevel=3)
 
 
-def _accumulate(sums: dict[str, float], values: dict[str, float]) -> None:
-    for key, value in values.items():
-        sums[key] = sums.get(key, 0.0) + value
+def _accumulate(sums: dict[str, float], out: LossOutput, counted: bool = True) -> None:
+    """Add the parts of ``out`` to ``sums`` (zeros when it does not count: every process keeps the same keys)."""
+    for key, value in out.detached().items():
+        sums[key] = sums.get(key, 0.0) + (value if counted else 0.0)
 
 
 def _per_spot(sums: dict[str, float]) -> dict:

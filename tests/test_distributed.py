@@ -1,8 +1,9 @@
-"""Data-parallel training (spavae.distributed): two gloo ranks on the CPU against one process.
+"""Data-parallel training (spavae.distributed): gloo ranks on the CPU against one process.
 
 One spawn of two ranks (``torch.multiprocessing``, file rendezvous) runs three jobs whose outputs the tests read:
 one optimisation step, an uninterrupted 4-epoch experiment, and the same experiment whose rank 1 kills itself once
 the epoch-2 checkpoint is on disk. The killed run is then finished with ``spavae resume --devices 2`` (torchrun).
+A spawn of three ranks trains on batches that do not split evenly, with a last chunk smaller than the ranks.
 """
 
 from __future__ import annotations
@@ -28,10 +29,19 @@ BATCH, TRAIN_SIZE, SEED = 64, 0.9, 0
 MODEL = {"dtype": "float64", "seed": SEED, "encoder_layers": (32, 16), "decoder_layers": (32,), "inducing_steps": 3,
          "device": "cpu"}
 KILL_AFTER_EPOCH = 2
+#: Three ranks, batches of 32 (11/11/10 spots per rank), 2 epochs of 7 steps on 100 spots, and two splits whose
+#: last chunk has fewer spots than ranks: 66 training spots (2 batches a pass) and 34 validation spots (32, then 2);
+#: 2 training spots (one batch of 2) and 98 validation spots (32, 32, 32, then 2).
+UNEVEN_RANKS, UNEVEN_BATCH, UNEVEN_EPOCHS = 3, 32, 2
+UNEVEN_SPLITS = {"validation": (0.665, [32, 32], [32, 2]), "training": (0.02, [2], [32, 32, 32, 2])}
 
 
 def _adata():
     return spavae.simulate_spatial_counts(n_rows=12, n_cols=12, n_genes=40, n_domains=3, seed=1)
+
+
+def _small_adata():
+    return spavae.simulate_spatial_counts(n_rows=10, n_cols=10, n_genes=30, n_domains=3, seed=2)
 
 
 def _fixed_rsample(self, sample_shape=torch.Size()):  # noqa: B008 (the signature of Normal.rsample)
@@ -103,12 +113,30 @@ def _killed_job(rank: int, out: Path) -> None:
     experiment.train(config_from_dict(_config(out / "data.h5ad", out, "killed")), evaluate_after=False)
 
 
-JOBS = {"step": _step_job, "full": _full_job, "killed": _killed_job}
+def _uneven_trainer(train_size: float) -> Trainer:
+    """A trainer of the uneven settings (the same in every rank and in one process)."""
+    model = spavae.SpaVAE(_small_adata(), **MODEL)
+    return Trainer(model.module, model.data, batch_size=UNEVEN_BATCH, train_size=train_size,
+                   beta=PIController(0.025 * model.module.n_latent), generator=torch.Generator().manual_seed(SEED))
 
 
-def _worker(rank: int, store: str, out: str, jobs: list[str]) -> None:
+def _uneven_job(rank: int, out: Path) -> None:
+    """Train each of :data:`UNEVEN_SPLITS` (fixed latent draws); keep the history, the weights and the buffers."""
+    rsample, torch.distributions.Normal.rsample = torch.distributions.Normal.rsample, _fixed_rsample
+    for name, (train_size, _, _) in UNEVEN_SPLITS.items():
+        trainer = _uneven_trainer(train_size)
+        trainer.fit(UNEVEN_EPOCHS, progress=False)
+        torch.save({"module": trainer.module.state_dict(), "history": trainer.state.history},
+                   out / f"uneven-{name}{rank}.pt")
+    torch.distributions.Normal.rsample = rsample
+
+
+JOBS = {"step": _step_job, "full": _full_job, "killed": _killed_job, "uneven": _uneven_job}
+
+
+def _worker(rank: int, store: str, out: str, jobs: list[str], world_size: int = 2) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     for job in jobs:
         JOBS[job](rank, Path(out))
         dist.barrier()
@@ -123,6 +151,14 @@ def two_ranks(tmp_path_factory) -> Path:
     with pytest.raises(mp.ProcessExitedException) as killed:
         mp.spawn(_worker, args=(str(out / "store"), str(out), ["step", "full", "killed"]), nprocs=2)
     assert (killed.value.error_index, killed.value.exit_code) == (1, 1), "only rank 1 was to end, by its kill"
+    return out
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory) -> Path:
+    """Run the uneven job in three gloo ranks."""
+    out = tmp_path_factory.mktemp("ddp3")
+    mp.spawn(_worker, args=(str(out / "store"), str(out), ["uneven"], UNEVEN_RANKS), nprocs=UNEVEN_RANKS)
     return out
 
 
@@ -189,3 +225,34 @@ def test_killed_two_rank_run_resumes_as_if_uninterrupted(two_ranks, capfd, monke
     assert len(last[0]["rng"]["ranks"]) == 2
     for name, tensor in last[1]["module"].items():
         np.testing.assert_array_equal(last[0]["module"][name].numpy(), tensor.numpy(), err_msg=name)
+
+
+@pytest.mark.parametrize("split", UNEVEN_SPLITS)
+def test_three_ranks_on_uneven_batches_train_as_one_process(three_ranks, monkeypatch, split):
+    """Batches that do not split evenly over 3 ranks and a last chunk of 2 spots (fewer than the ranks), in the
+    validation or in the training set: every rank's history (training and validation losses, beta) and final
+    weights and batch-norm running statistics equal one process's (on one thread, as the ranks).
+
+    The tolerance is that of rounding: the biases of the layers before a batch norm have no gradient in exact
+    arithmetic, so Adam moves them by the rounding noise of the split sums (about 1e-8 here).
+    """
+    train_size, train_batches, val_batches = UNEVEN_SPLITS[split]
+    batches = _uneven_trainer(train_size)
+    assert [len(index) for index in batches._batches(batches.train_index, True, batches.drop_last)] == train_batches
+    assert [len(index) for index in batches._batches(batches.val_index, False, False)] == val_batches
+    monkeypatch.setattr(torch.distributions.Normal, "rsample", _fixed_rsample)
+    torch.set_num_threads(1)  # conftest sets 2 threads before each test
+    trainer = _uneven_trainer(train_size)
+    trainer.fit(UNEVEN_EPOCHS, progress=False)
+    reference = trainer.module.state_dict()
+    assert any(name.endswith("running_var") for name in reference)
+    for rank in range(UNEVEN_RANKS):
+        ranked = torch.load(three_ranks / f"uneven-{split}{rank}.pt", weights_only=False)
+        assert len(ranked["history"]) == len(trainer.state.history) == UNEVEN_EPOCHS
+        for got, want in zip(ranked["history"], trainer.state.history):
+            assert got.keys() == want.keys()
+            for key in sorted(want.keys() - {"seconds"}):
+                assert got[key] == pytest.approx(want[key], rel=1e-7, abs=1e-9), (rank, got["epoch"], key)
+        assert ranked["module"].keys() == reference.keys()
+        for name, tensor in reference.items():
+            torch.testing.assert_close(ranked["module"][name], tensor, rtol=1e-7, atol=1e-7, msg=f"{rank} {name}")
