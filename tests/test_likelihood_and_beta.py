@@ -99,3 +99,41 @@ def test_gene_negative_binomial_equals_the_expanded_one_and_scipy():
         for grad_fast, grad_slow in zip(grads_fast, grads_slow):
             torch.testing.assert_close(grad_fast, grad_slow, rtol=1e-10, atol=1e-12)
         mean = mean.detach()
+
+
+def _nonzero_positions(counts: torch.Tensor) -> torch.Tensor:
+    """Flat positions (``row * width + column``) of the nonzero entries, read off CSR rows as the data layer does."""
+    rows = sp.csr_matrix(counts.numpy())
+    return torch.from_numpy(np.repeat(np.arange(counts.shape[0]), np.diff(rows.indptr)) * counts.shape[1] + rows.indices)
+
+
+@pytest.mark.parametrize("layout", ["whole block", "partial block", "block elsewhere", "proteins"])
+def test_nb_observation_takes_the_batch_positions_only_for_the_tensor_it_scores(layout):
+    """The batch's gene_nonzero positions are those of its gene block: they spare the search when an NB observation
+    scores that whole block, and an observation that scores a part of it (columns [0, 3) of 6), a block starting
+    elsewhere (columns [3, 6)) or the genes of a batch with proteins (counts = 6 genes + 2 proteins) searches. Either
+    way, the log-probabilities and gradients are those of the searching path."""
+    generator = torch.Generator().manual_seed(3)
+    genes = torch.poisson(torch.rand(5, 6, dtype=torch.float64, generator=generator) * 3, generator=generator)
+    genes[0, :3], genes[1, 3:] = 0.0, 0.0  # spots whose only nonzero counts lie outside one of the blocks
+    columns = {"partial block": slice(0, 3), "block elsewhere": slice(3, 6)}.get(layout, slice(0, 6))
+    counts = genes
+    if layout == "proteins":
+        counts = torch.cat([genes, torch.poisson(torch.full((5, 2), 20.0, dtype=torch.float64), generator=generator)], 1)
+    observation = NegativeBinomialObservation(columns.stop - columns.start, 2, columns=columns).double()
+    mean = (torch.rand(5, columns.stop - columns.start, dtype=torch.float64, generator=generator) * 4 + 0.1)
+    mean.requires_grad_(True)
+    size_factors = torch.rand(5, dtype=torch.float64, generator=generator) + 0.5
+    values, grads = [], []
+    for positions in (_nonzero_positions(genes), None):  # the batch's positions, then the search
+        batch = Batch(None, None, counts, size_factors, gene_nonzero=positions)
+        observed = observation.observed(batch)
+        distribution = observation.distribution(mean, batch, observed)
+        takes_positions = distribution.base_dist.observed_nonzero is not None
+        assert takes_positions == (positions is not None and layout == "whole block")
+        log_prob = distribution.log_prob(observed)
+        values.append(log_prob.detach())
+        grads.append(torch.autograd.grad(log_prob.sum(), (mean, observation.raw_dispersion)))
+    torch.testing.assert_close(values[0], values[1], rtol=1e-12, atol=1e-12)
+    for known, searched in zip(*grads):
+        torch.testing.assert_close(known, searched, rtol=1e-12, atol=1e-12)
