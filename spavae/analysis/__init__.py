@@ -4,7 +4,9 @@ from spavae.analysis.clustering import cluster_kmeans, refine_labels, score_clus
 from spavae.analysis.denoise import denoise, denoised_samples
 from spavae.analysis.differential import differential_expression, lfc_threshold, rank_genes_domains
 from spavae.analysis.domains import (
+    Domains,
     choose_n_domains,
+    cluster_domains,
     domain_colors,
     find_domains,
     leiden_n_domains,
@@ -18,8 +20,10 @@ from spavae.analysis.runs import TrainedRun, open_run
 from spavae.analysis.spatial_stats import knn_weights, morans_i, spatial_autocorr
 
 __all__ = [
+    "Domains",
     "TrainedRun",
     "choose_n_domains",
+    "cluster_domains",
     "cluster_kmeans",
     "denoise",
     "denoised_samples",

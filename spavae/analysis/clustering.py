@@ -57,13 +57,19 @@ def refine_labels(labels: np.ndarray, locations: np.ndarray, *, shape: str = "he
     return refined
 
 
+def labelled_spots(truth, unlabeled: str = "NA") -> np.ndarray:
+    """Boolean mask of the spots with a reference label: not ``unlabeled`` and not missing (``None``/NaN)."""
+    return np.array([t is not None and t == t and str(t) != unlabeled for t in np.asarray(truth, dtype=object)],
+                    dtype=bool)
+
+
 def score_clustering(truth, predicted, *, unlabeled: str = "NA") -> dict[str, float]:
     """ARI and NMI against ``truth``, leaving out spots whose truth is ``unlabeled`` (or missing)."""
     truth = np.asarray(truth, dtype=object)
     predicted = np.asarray(predicted)
     if truth.shape[0] != predicted.shape[0]:
         raise ValueError(f"{truth.shape[0]} true labels for {predicted.shape[0]} predicted labels")
-    keep = np.array([t is not None and t == t and str(t) != unlabeled for t in truth])
+    keep = labelled_spots(truth, unlabeled)
     if not keep.any():
         raise ValueError("no labelled spots to score against")
     t, p = truth[keep].astype(str), predicted[keep]

@@ -1,9 +1,14 @@
 """Spatial domains from the latent: KMeans or Leiden (resolution searched), the number of domains chosen by the
-silhouette, refinement, scores (ALGORITHM 7.6) and scanpy-style colours."""
+silhouette, refinement, scores (ALGORITHM 7.6) and scanpy-style colours.
+
+:func:`cluster_domains` is the one pipeline (number of domains, clustering, refinement, scores) behind
+:func:`find_domains`, ``spavae run``, ``spavae domains`` and ``spavae evaluate``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import anndata as ad
 import igraph
@@ -18,7 +23,7 @@ from sklearn.metrics import silhouette_score
 from sklearn.neighbors import kneighbors_graph
 
 from spavae.analysis._common import obsm_array, spot_coordinates
-from spavae.analysis.clustering import NEIGHBOURS, cluster_kmeans, refine_labels, score_clustering
+from spavae.analysis.clustering import NEIGHBOURS, cluster_kmeans, labelled_spots, refine_labels, score_clustering
 
 METHODS = ("kmeans", "leiden")
 DEFAULT_K_RANGE = range(3, 13)
@@ -193,15 +198,136 @@ def set_category_colors(adata: ad.AnnData, key: str) -> None:
     adata.uns[f"{key}_colors"] = domain_colors(len(adata.obs[key].cat.categories))
 
 
-def find_domains(adata: ad.AnnData, n_domains: int | str, *, method: str = "kmeans", use_rep: str = "X_spavae",
-                 refine: str | None = None, spatial_key: str = "spatial", visium_array: bool = False,
-                 truth_key: str | None = None, unlabeled: str = "NA", n_neighbors: int = 20, n_init: int = 100,
-                 k_range: Sequence[int] = DEFAULT_K_RANGE, seed: int = 0, key_added: str = "spavae_domains",
-                 copy: bool = False) -> ad.AnnData | None:
+def write_domain_columns(adata: ad.AnnData, columns: dict[str, np.ndarray], n_domains: int) -> None:
+    """Write domain labels (integers ``0 .. n_domains - 1``) as categorical ``obs`` columns with categories ``'0'``,
+    ``'1'``, ... and one hex colour per category in ``uns[<column>_colors]`` (:func:`set_category_colors`)."""
+    categories = [str(c) for c in range(n_domains)]
+    for key, labels in columns.items():
+        adata.obs[key] = pd.Categorical(np.asarray(labels).astype(str), categories=categories)
+        set_category_colors(adata, key)
+
+
+@dataclass
+class Domains:
+    """The spatial domains found by :func:`cluster_domains`.
+
+    Attributes
+    ----------
+    labels
+        The domain of each spot as clustered (integers ``0 .. n_domains - 1``).
+    refined
+        The domains after the neighbour-majority refinement (``None`` without refinement).
+    n_domains
+        The number of domains.
+    chosen_by
+        How it was chosen: ``'given'``, ``'labels'`` (the number of distinct labelled reference domains) or
+        ``'silhouette'`` (:func:`choose_n_domains`).
+    selection
+        With ``'silhouette'``: the table of :func:`choose_n_domains` (silhouette and spatial coherence per ``k``).
+    scores
+        ARI/NMI (:func:`~spavae.analysis.score_clustering`) of ``labels`` (key ``'labels'``) and of ``refined``
+        (key ``'refined'``) against the reference labels on the labelled spots; ``None`` without reference labels
+        or when none of the spots is labelled.
+    resolution, leiden_seed
+        Leiden only: the resolution and seed that gave ``n_domains`` clusters.
+    """
+
+    labels: np.ndarray
+    refined: np.ndarray | None
+    n_domains: int
+    chosen_by: str
+    selection: pd.DataFrame | None = None
+    scores: dict[str, dict[str, float]] | None = None
+    resolution: float | None = None
+    leiden_seed: int | None = None
+
+
+def cluster_domains(latent: np.ndarray, locations: np.ndarray | None, n_domains: int | str | None = None, *,
+                    method: str = "kmeans", refine: str | None = None, truth=None, unlabeled: str = "NA",
+                    n_neighbors: int = 20, n_init: int = 100, k_range: Sequence[int] = DEFAULT_K_RANGE,
+                    seed: int = 0) -> Domains:
+    """Cluster a latent into spatial domains, refine and score them: the pipeline of :func:`find_domains`,
+    ``spavae run``, ``spavae domains`` and ``spavae evaluate``.
+
+    1. The number of domains: ``n_domains`` when it is a number; ``'auto'``: the ``k`` of ``k_range`` with the
+       highest silhouette (:func:`choose_n_domains`); ``None``: the number of distinct labelled reference domains
+       when ``truth`` labels at least one spot, else ``'auto'``.
+    2. The domains: KMeans with ``n_init`` restarts (``method='kmeans'``), or Leiden on a ``n_neighbors``-NN graph
+       of the latent with the resolution searched to give ``n_domains`` clusters (``'leiden'``,
+       :func:`leiden_n_domains`).
+    3. With ``refine`` (``'hexagon'`` for Visium, ``'square'`` for ST): the neighbour-majority refinement
+       (:func:`~spavae.analysis.refine_labels`).
+    4. With ``truth``: ARI/NMI on the spots whose reference label is not ``unlabeled`` (or missing); no scores when
+       there is no such spot.
+
+    Parameters
+    ----------
+    latent
+        ``n_spots x d`` embedding.
+    locations
+        ``n_spots x 2`` coordinates for the silhouette choice and the refinement (Visium array coordinates mapped
+        with :func:`~spavae.analysis.visium_array_to_xy` first); may be ``None`` when neither is used.
+    n_domains
+        A number from 1 to ``n_spots - 1``, ``'auto'`` or ``None`` (see above).
+    method, refine, n_neighbors, n_init, seed
+        As above; ``seed`` seeds KMeans, Leiden and the silhouette subsample.
+    truth, unlabeled
+        Reference label of each spot (``None``: no scores), and the label of unannotated spots.
+    k_range
+        Candidate numbers of domains for ``'auto'`` (3 to 12).
+
+    Returns
+    -------
+    The :class:`Domains`: labels, refined labels, the number of domains and how it was chosen, scores.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if refine is not None and refine not in NEIGHBOURS:
+        raise ValueError(f"refine must be None or one of {sorted(NEIGHBOURS)}, got {refine!r}")
+    latent = np.asarray(latent, dtype=np.float64)
+    labelled = None
+    if truth is not None:
+        truth = np.asarray(truth, dtype=object)
+        if truth.shape != (len(latent),):
+            raise ValueError(f"truth must hold one label per spot ({len(latent)}), got shape {truth.shape}")
+        labelled = labelled_spots(truth, unlabeled)
+    chosen_by = "given"
+    if n_domains is None:
+        n_domains, chosen_by = (len(set(truth[labelled].astype(str))), "labels") \
+            if labelled is not None and labelled.any() else ("auto", "silhouette")
+    elif n_domains == "auto":
+        chosen_by = "silhouette"
+    elif not isinstance(n_domains, (int, np.integer)) or isinstance(n_domains, bool) \
+            or not 1 <= n_domains < len(latent):
+        raise ValueError(f"n_domains must be 'auto' or an integer from 1 to the number of spots - 1 "
+                         f"({len(latent) - 1}), got {n_domains!r}")
+    if locations is None and (n_domains == "auto" or refine is not None):
+        raise ValueError("choosing the number of domains and refining them need the spot locations")
+    selection = None
+    if n_domains == "auto":
+        n_domains, selection = choose_n_domains(latent, locations, k_range=k_range, seed=seed)
+    resolution = leiden_seed = None
+    if method == "kmeans":
+        labels = cluster_kmeans(latent, n_domains, n_init=n_init, seed=seed)
+    else:
+        labels, resolution, leiden_seed = leiden_n_domains(latent, n_domains, n_neighbors=n_neighbors, seed=seed)
+    refined = None if refine is None else refine_labels(labels, locations, shape=refine)
+    scores = None
+    if labelled is not None and labelled.any():
+        scores = {name: score_clustering(truth, values, unlabeled=unlabeled)
+                  for name, values in (("labels", labels), ("refined", refined)) if values is not None}
+    return Domains(labels, refined, int(n_domains), chosen_by, selection, scores, resolution, leiden_seed)
+
+
+def find_domains(adata: ad.AnnData, n_domains: int | str | None, *, method: str = "kmeans",
+                 use_rep: str = "X_spavae", refine: str | None = None, spatial_key: str = "spatial",
+                 visium_array: bool = False, truth_key: str | None = None, unlabeled: str = "NA",
+                 n_neighbors: int = 20, n_init: int = 100, k_range: Sequence[int] = DEFAULT_K_RANGE, seed: int = 0,
+                 key_added: str = "spavae_domains", copy: bool = False) -> ad.AnnData | None:
     """Cluster the latent into ``n_domains`` spatial domains and write them to ``adata.obs[key_added]``.
 
-    The domains are a categorical column (categories ``'0'``, ``'1'``, ...) with one hex colour per category in
-    ``uns[key_added + '_colors']``, so ``scanpy.pl.spatial(adata, color=key_added)`` and
+    The domains (:func:`cluster_domains`) are a categorical column (categories ``'0'``, ``'1'``, ...) with one hex
+    colour per category in ``uns[key_added + '_colors']``, so ``scanpy.pl.spatial(adata, color=key_added)`` and
     ``squidpy.pl.spatial_scatter`` draw them as they are.
 
     Parameters
@@ -211,6 +337,8 @@ def find_domains(adata: ad.AnnData, n_domains: int | str, *, method: str = "kmea
     n_domains
         Number of domains wanted, or ``'auto'``: the ``k`` of ``k_range`` with the highest silhouette
         (:func:`choose_n_domains`, on ``obsm[spatial_key]``); its table goes to ``uns[key_added]['selection']``.
+        ``None``: the number of distinct labelled domains of ``obs[truth_key]`` when it labels a spot, else
+        ``'auto'``.
     method
         * ``'kmeans'``: KMeans with ``n_init`` restarts (the original's default for DLPFC);
         * ``'leiden'``: Leiden on a ``n_neighbors``-NN graph of the latent, resolution searched by
@@ -226,7 +354,7 @@ def find_domains(adata: ad.AnnData, n_domains: int | str, *, method: str = "kmea
         are mapped to the hexagonal lattice first.
     truth_key
         Optional ``obs`` column with reference labels: ARI/NMI (spots labelled ``unlabeled`` left out) go to
-        ``adata.uns[key_added]['scores']``.
+        ``adata.uns[key_added]['scores']`` when at least one spot is labelled.
     unlabeled
         The reference label of unannotated spots.
     n_neighbors, n_init, seed
@@ -234,8 +362,9 @@ def find_domains(adata: ad.AnnData, n_domains: int | str, *, method: str = "kmea
     k_range
         Candidate numbers of domains for ``n_domains='auto'`` (3 to 12).
     key_added
-        ``obs`` column of the domains; parameters (and the Leiden resolution and seed used) go to
-        ``uns[key_added]``.
+        ``obs`` column of the domains; parameters, the number of domains and how it was chosen
+        (``n_domains_chosen_by``: ``'given'``, ``'labels'`` or ``'silhouette'``) and the Leiden resolution and seed
+        go to ``uns[key_added]``.
     copy
         Work on and return a copy of ``adata``.
 
@@ -243,44 +372,34 @@ def find_domains(adata: ad.AnnData, n_domains: int | str, *, method: str = "kmea
     -------
     The copy when ``copy=True``, else ``None``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if refine is not None and refine not in NEIGHBOURS:
-        raise ValueError(f"refine must be None or one of {sorted(NEIGHBOURS)}, got {refine!r}")
     if truth_key is not None and truth_key not in adata.obs:
         raise KeyError(f"adata.obs has no column '{truth_key}'; columns: {list(adata.obs.columns)}")
-    if n_domains != "auto" and (not isinstance(n_domains, (int, np.integer)) or isinstance(n_domains, bool)
-                                or not 1 <= n_domains < adata.n_obs):
-        raise ValueError(f"n_domains must be 'auto' or an integer from 1 to the number of spots - 1 "
-                         f"({adata.n_obs - 1}), got {n_domains!r}")
     latent = obsm_array(adata, use_rep, hint="the latent; write it with model.write_results(adata)")
+    locations = None
+    if refine is not None or n_domains is None or n_domains == "auto":
+        locations = spot_coordinates(adata, spatial_key, visium_array)
+    result = cluster_domains(latent, locations, n_domains, method=method, refine=refine,
+                             truth=None if truth_key is None else adata.obs[truth_key].astype(object).to_numpy(),
+                             unlabeled=unlabeled, n_neighbors=n_neighbors, n_init=n_init, k_range=k_range, seed=seed)
     adata = adata.copy() if copy else adata
+    columns = {key_added: result.labels} if result.refined is None else \
+        {f"{key_added}_unrefined": result.labels, key_added: result.refined}
+    write_domain_columns(adata, columns, result.n_domains)
     info: dict = {"params": {"n_domains": n_domains, "method": method, "use_rep": use_rep, "refine": refine,
                              "visium_array": visium_array, "n_neighbors": n_neighbors, "n_init": n_init,
-                             "seed": seed}}
-    if n_domains == "auto":
-        n_domains, table = choose_n_domains(latent, spot_coordinates(adata, spatial_key, visium_array),
-                                            k_range=k_range, seed=seed)
+                             "seed": seed},
+                  "n_domains": result.n_domains, "n_domains_chosen_by": result.chosen_by}
+    if result.selection is not None:
+        table = result.selection
         info["params"]["k_range"] = [int(k) for k in table.index]
         info["selection"] = {"rule": "silhouette", "k": [int(k) for k in table.index],
                              "silhouette": table["silhouette"].tolist(),
                              "spatial_coherence": table["spatial_coherence"].tolist()}
-    info["n_domains"] = int(n_domains)
-    if method == "kmeans":
-        labels = cluster_kmeans(latent, n_domains, n_init=n_init, seed=seed)
-    else:
-        labels, info["resolution"], info["leiden_seed"] = leiden_n_domains(latent, n_domains,
-                                                                           n_neighbors=n_neighbors, seed=seed)
-    categories = [str(c) for c in range(n_domains)]
-    results = {key_added: labels}
-    if refine is not None:
-        results = {f"{key_added}_unrefined": labels,
-                   key_added: refine_labels(labels, spot_coordinates(adata, spatial_key, visium_array), shape=refine)}
-    for key, values in results.items():
-        adata.obs[key] = pd.Categorical(values.astype(str), categories=categories)
-        set_category_colors(adata, key)
-    if truth_key is not None:
-        truth = adata.obs[truth_key].astype(object).to_numpy()
-        info["scores"] = {key: score_clustering(truth, values, unlabeled=unlabeled) for key, values in results.items()}
+    if result.resolution is not None:
+        info["resolution"], info["leiden_seed"] = result.resolution, result.leiden_seed
+    if result.scores is not None:
+        names = {"labels": f"{key_added}_unrefined" if result.refined is not None else key_added,
+                 "refined": key_added}
+        info["scores"] = {names[name]: score for name, score in result.scores.items()}
     adata.uns[key_added] = info
     return adata if copy else None
