@@ -165,6 +165,11 @@ class SpaVAE:
         return pd.Index(self.setup.genes)
 
     @property
+    def latent_names(self) -> list[str]:
+        """Names of the latent dimensions, in order: ``gp0``, ``gp1``, ..., then ``gauss0``, ``gauss1``, ..."""
+        return [f"gp{i}" for i in range(self.module.n_gp)] + [f"gauss{i}" for i in range(self.module.n_gauss)]
+
+    @property
     def obs_names(self) -> pd.Index:
         """The spots the model's outputs refer to (those of the AnnData it was built or loaded with)."""
         return self.data.obs_names

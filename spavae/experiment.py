@@ -42,18 +42,13 @@ from sklearn.feature_selection import f_classif
 from sklearn.neighbors import KNeighborsClassifier
 
 from spavae import __version__
-from spavae.analysis import (
-    choose_n_domains,
-    cluster_kmeans,
-    predict_latent,
-    refine_labels,
-    score_clustering,
-    visium_array_to_xy,
-)
+from spavae.analysis.clustering import labelled_spots, score_clustering, visium_array_to_xy
+from spavae.analysis.domains import cluster_domains
+from spavae.analysis.prediction import predict_latent
 from spavae.api import SpaVAE
 from spavae.config import ExperimentConfig, load_config
 from spavae.data import normalize_log_scale, size_factors
-from spavae.data.readers import LABEL_KEY
+from spavae.data.readers import LABEL_KEY, UNLABELLED
 from spavae.data.setup import DataSetup
 from spavae.distributed import Communicator, session
 from spavae.run_folder import RunFolder, load_data
@@ -63,7 +58,6 @@ from spavae.utils import atomic_path
 logger = logging.getLogger("spavae.experiment")
 
 CHECKPOINT_FORMAT = 1
-UNLABELLED = "NA"
 #: Marker genes for the evaluation figure are chosen on at most this many spots (the figure shows every spot).
 MARKER_SAMPLE = 5000
 TB_PARTS = {"loss": "total", "nb": "nb", "kl_gp": "kl_gp", "kl_gauss": "kl_gauss", "noise": "noise"}
@@ -367,7 +361,7 @@ def evaluate(run_dir: str | os.PathLike, *, log_config: str | os.PathLike | None
     * ``knn_accuracy_with_expression``: the test spots' latents from the all-spots embedding above, which reads
       their own expression (an easier task, not comparable with published interpolation figures).
     """
-    from spavae.analysis import umap
+    from spavae.analysis.embedding import umap
     from spavae.plot import plot_embedding, plot_marker_genes, plot_spatial_domains, plot_training_curves
 
     run = RunFolder(run_dir)
@@ -385,44 +379,44 @@ def evaluate(run_dir: str | os.PathLike, *, log_config: str | os.PathLike | None
         truth = adata.obs[LABEL_KEY].astype(str).to_numpy() if LABEL_KEY in adata.obs else None
         locations = np.asarray(adata.obsm["spatial"], dtype=np.float64)
         lattice = visium_array_to_xy(locations) if ev.lattice == "visium_array" else locations
-        n_domains, chosen_by = ev.n_domains, "given"
-        if n_domains is None and truth is not None:
-            n_domains, chosen_by = len(set(truth) - {UNLABELLED}), "labels"
-        elif n_domains is None:  # no labels: the silhouette rule of `spavae run`
-            n_domains, _ = choose_n_domains(latent, lattice, seed=config.trainer.seed)
-            chosen_by = "silhouette"
-            logger.info("no labels: chose %d domains by the silhouette of KMeans on the latent", n_domains)
-        domains = cluster_kmeans(latent, n_domains, n_init=ev.kmeans_n_init, seed=config.trainer.seed)
-        refined = refine_labels(domains, lattice, shape=ev.refine) if ev.refine else domains
+        found = cluster_domains(latent, lattice, ev.n_domains, refine=ev.refine, truth=truth, unlabeled=UNLABELLED,
+                                n_init=ev.kmeans_n_init, seed=config.trainer.seed)
+        if found.chosen_by == "silhouette":
+            logger.info("no labelled spots: chose %d domains by the silhouette of KMeans on the latent",
+                        found.n_domains)
+        domains = found.labels
+        refined = domains if found.refined is None else found.refined
+        shown = truth if found.scores is not None else None  # labels without a labelled spot are no labels
         metrics: dict = {"run": str(run.root), "n_spots": adata.n_obs, "n_test": int(test.sum()),
-                         "n_domains": n_domains, "n_domains_chosen_by": chosen_by, "epochs": int(len(history)), "best_epoch": int(len(model.history)),
+                         "n_domains": found.n_domains, "n_domains_chosen_by": found.chosen_by,
+                         "epochs": int(len(history)), "best_epoch": int(len(model.history)),
                          "train_seconds": round(float(history["seconds"].sum()), 2)}
-        if truth is not None:
-            metrics["all"] = _scores(truth, domains, refined)
-            if test.any():
-                metrics["test"] = _scores(truth[test], domains[test], refined[test])
+        if found.scores is not None:
+            metrics["all"] = _rounded(found.scores)
+            if labelled_spots(truth[test], UNLABELLED).any():
+                metrics["test"] = _rounded({"labels": score_clustering(truth[test], domains[test]),
+                                            "refined": score_clustering(truth[test], refined[test])})
                 train_latent, test_latent = location_only_latents(run.best, adata, test, device=config.trainer.device)
                 metrics["knn_accuracy_location_only"] = knn_accuracy(train_latent, truth[~test], test_latent,
                                                                      truth[test], ev.knn_neighbors)
                 metrics["knn_accuracy_with_expression"] = knn_accuracy(latent[~test], truth[~test], latent[test],
                                                                        truth[test], ev.knn_neighbors)
         logger.info("evaluation of %s: %s", run.root, json.dumps(metrics))
-        columns = [f"gp{i}" for i in range(model.module.n_gp)] + [f"gauss{i}" for i in range(model.module.n_gauss)]
-        tables = {"latent.csv": pd.DataFrame(latent, index=adata.obs_names, columns=columns),
+        tables = {"latent.csv": pd.DataFrame(latent, index=adata.obs_names, columns=model.latent_names),
                   "domains.csv": pd.DataFrame({"domain": domains, "domain_refined": refined, "test": test,
                                                **({"truth": truth} if truth is not None else {})},
                                               index=adata.obs_names)}
         for name, table in tables.items():
             with atomic_path(run.results / name) as tmp:
                 table.to_csv(tmp)
-        plot_spatial_domains(lattice, refined, run.results / "domains.png", truth=truth,
+        plot_spatial_domains(lattice, refined, run.results / "domains.png", truth=shown,
                              title="spavae domains" + (" (refined)" if ev.refine else ""))
-        colours = truth if truth is not None else refined.astype(str)
+        colours = shown if shown is not None else refined.astype(str)
         if ev.umap:
             adata.obsm["X_spavae"] = latent
             umap(adata, seed=config.trainer.seed)
             plot_embedding(adata.obsm["X_umap"], colours, run.results / "umap.png",
-                           title="latent UMAP, coloured by " + ("ground truth" if truth is not None else "domain"))
+                           title="latent UMAP, coloured by " + ("ground truth" if shown is not None else "domain"))
         sample = np.sort(np.random.default_rng(config.trainer.seed).permutation(adata.n_obs)[:MARKER_SAMPLE])
         genes = ev.marker_genes or marker_genes(model.data.counts.take(sample), refined[sample], model.var_names,
                                                 ev.n_marker_genes)
@@ -439,8 +433,9 @@ def evaluate(run_dir: str | os.PathLike, *, log_config: str | os.PathLike | None
     return metrics
 
 
-def _scores(truth: np.ndarray, domains: np.ndarray, refined: np.ndarray) -> dict:
-    raw, ref = score_clustering(truth, domains), score_clustering(truth, refined)
+def _rounded(scores: dict[str, dict]) -> dict:
+    """The ARI/NMI of the domains and of the refined domains (the domains themselves without refinement), rounded."""
+    raw, ref = scores["labels"], scores.get("refined", scores["labels"])
     return {"ari": round(raw["ari"], 4), "nmi": round(raw["nmi"], 4), "ari_refined": round(ref["ari"], 4),
             "nmi_refined": round(ref["nmi"], 4), "n_scored": raw["n_scored"]}
 

@@ -20,7 +20,10 @@ from spavae.data import spatialdata_io, tenx
 from spavae.data.hdf5 import decode_strings, open_hdf5
 from spavae.data.preprocess import check_counts, check_locations
 
+#: The obs column of the ground-truth labels.
 LABEL_KEY = "ground_truth"
+#: The label of unannotated spots.
+UNLABELLED = "NA"
 
 
 def _real_array(dataset, where: str, what: str) -> np.ndarray:
