@@ -197,20 +197,31 @@ def test_tiled_tiff_reads_equal_in_memory_reads_and_stay_local(tmp_path):
 # ---------------------------------------------------------------------------------------------- SpatialData
 def test_spatialdata_image_matches_the_array():
     pytest.importorskip("spatialdata", reason="the spatialdata extra is not installed (pip install spavae[spatialdata])")
-    from spatialdata import SpatialData
+    from spatialdata import SpatialData, get_pyramid_levels
     from spatialdata.models import Image2DModel
-    from spatialdata.transformations import Scale
+    from spatialdata.transformations import Scale, Sequence, Translation
 
     from spavae.image import spatialdata_image
 
     image = (np.random.default_rng(6).random((80, 90, 3)) * 255).astype(np.uint8)
-    element = Image2DModel.parse(np.moveaxis(image, -1, 0), dims=("c", "y", "x"),
-                                 transformations={"global": Scale([2.0, 2.0], axes=("x", "y"))})
-    sdata = SpatialData(images={"he": element})
-    adata = spots([[30, 40], [100, 90], [170, 150]])
-    expected = extract_image_features(adata, array_image(image, 0.5), spot_diameter=12, background=None)
-    found = extract_image_features(adata, spatialdata_image(sdata, "he"), spot_diameter=12, background=None)
+    to_global = Sequence([Scale([2.0, 2.0], axes=("x", "y")), Translation([10.0, 20.0], axes=("x", "y"))])
+    single = Image2DModel.parse(np.moveaxis(image, -1, 0), dims=("c", "y", "x"), transformations={"global": to_global})
+    pyramid = Image2DModel.parse(np.moveaxis(image, -1, 0), dims=("c", "y", "x"), scale_factors=[2],
+                                 transformations={"global": to_global})
+    sdata = SpatialData(images={"he": single, "he_pyramid": pyramid})
+    coordinates = np.array([[30, 40], [100, 90], [170, 150]])
+    options = {"spot_diameter": 12, "background": None}
+    expected = extract_image_features(spots(coordinates - [10, 20]), array_image(image, 0.5), **options)
+    found = extract_image_features(spots(coordinates), spatialdata_image(sdata, "he"), **options)
     np.testing.assert_allclose(found.values, expected.values, atol=1e-5)
+    level1 = np.moveaxis(np.asarray(get_pyramid_levels(sdata.images["he_pyramid"], n=1).data), 0, -1)
+    expected = extract_image_features(spots(coordinates - [10, 20]), array_image(level1, 0.25), **options)
+    found = extract_image_features(spots(coordinates), spatialdata_image(sdata, "he_pyramid", level=1), **options)
+    np.testing.assert_allclose(found.values, expected.values, atol=1e-5)
+    with pytest.raises(ValueError, match="no transformation to coordinate system 'aligned'"):
+        spatialdata_image(sdata, "he", coordinate_system="aligned")
+    with pytest.raises(ValueError, match="no image 'dapi'"):
+        spatialdata_image(sdata, "dapi")
 
 
 # ---------------------------------------------------------------------------------------------- Space Ranger

@@ -24,8 +24,8 @@ EXTRACTOR_VERSION = 1
 FEATURE_NAMES = ("red_mean", "green_mean", "blue_mean", "red_sd", "green_sd", "blue_sd", "hematoxylin_mean",
                  "eosin_mean", "intensity_mean", "intensity_sd", "gradient_mean")
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True))
-LUMINANCE = np.array([0.299, 0.587, 0.114])
+HED_FROM_RGB = np.linalg.inv(RGB_FROM_HED / np.linalg.norm(RGB_FROM_HED, axis=1, keepdims=True)).astype(np.float32)
+LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 MIN_INTENSITY = 1.0 / 255.0
 
 
@@ -41,15 +41,16 @@ def patch_features(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
     Returns
     -------
-    float64 array of length ``len(FEATURE_NAMES)``.
+    float64 array of length ``len(FEATURE_NAMES)`` (per-pixel values in float32, sums in float64).
     """
-    pixels = pixels.astype(np.float64)
+    pixels = pixels.astype(np.float32, copy=False)
     grey = pixels @ LUMINANCE
     rgb = pixels[mask]
     stains = -np.log10(np.minimum(np.maximum(rgb, MIN_INTENSITY), 1.0)) @ HED_FROM_RGB[:, :2]
     values = np.concatenate([rgb, grey[mask][:, None], stains, _gradient_magnitude(grey)[mask][:, None]], axis=1)
-    mean = values.sum(0) / len(values)
-    spread = np.sqrt(np.maximum((values[:, :4] * values[:, :4]).sum(0) / len(values) - mean[:4] ** 2, 0.0))
+    mean = values.sum(0, dtype=np.float64) / len(values)
+    centred = values[:, :4] - mean[:4].astype(np.float32)
+    spread = np.sqrt((centred * centred).sum(0, dtype=np.float64) / len(values))
     return np.concatenate([mean[:3], spread[:3], mean[4:6], [mean[3], spread[3], mean[6]]])
 
 

@@ -260,6 +260,7 @@ def spatialdata_image(
     try:
         import spatialdata
         from spatialdata.transformations import get_transformation
+        from xarray import DataArray
     except ImportError as err:
         raise ImportError(f"SpatialData images need the spatialdata package; install it with: {SPATIALDATA_HINT}") \
             from err
@@ -276,8 +277,15 @@ def spatialdata_image(
         raise ValueError(f"image '{image_key}' maps to '{coordinate_system}' with a rotation, shear or unequal "
                          f"axis scales ({matrix[:2, :2].tolist()}); only an isotropic scale and translation are "
                          "supported")
-    full = spatialdata.get_pyramid_levels(element, n=0)
-    array = spatialdata.get_pyramid_levels(element, n=level) if level else full
+    if isinstance(element, DataArray):  # a single-scale image; a multiscale one is a DataTree of levels
+        if level != 0:
+            raise ValueError(f"image '{image_key}' has a single scale; level must be 0, got {level}")
+        full = array = element
+    else:
+        n_levels = len(spatialdata.get_pyramid_levels(element))
+        if not 0 <= level < n_levels:
+            raise ValueError(f"image '{image_key}' has {n_levels} pyramid level(s); level must be in 0..{n_levels - 1}")
+        full, array = spatialdata.get_pyramid_levels(element, n=0), spatialdata.get_pyramid_levels(element, n=level)
     if tuple(array.dims) != ("c", "y", "x"):
         raise ValueError(f"image '{image_key}' has dims {tuple(array.dims)}; a 2-D image ('c', 'y', 'x') is needed")
     ratio = array.sizes["x"] / full.sizes["x"]
