@@ -38,6 +38,23 @@ def test_run_on_an_h5_file_writes_every_output(tmp_path, small_adata):
     assert (out / "domains.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_run_on_labels_without_a_labelled_spot_finishes_like_unlabelled_data(tmp_path, capsys):
+    adata = spavae.simulate_spatial_counts(n_rows=12, n_cols=12, n_genes=30, n_domains=3, seed=3)
+    path = tmp_path / "section.h5"
+    with h5py.File(path, "w") as h5:
+        h5["X"], h5["pos"] = adata.X, adata.obsm["spatial"]
+        h5["Y"] = np.array([b"NA"] * adata.n_obs)
+    out = tmp_path / "out"
+    code = main(["run", str(path), "--out", str(out), "--epochs", "1", "--k-range", "2:3", "--quiet",
+                 "--threads", "1"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_domains_chosen_by"] == "silhouette" and not any(key.startswith("ari") for key in metrics)
+    assert f"no ARI/NMI: none of the {metrics['n_spots']} spots has a ground-truth label" in printed.out
+    assert (out / "n_domains_selection.csv").is_file() and (out / "results.h5ad").is_file()
+
+
 def test_run_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["run", str(tmp_path / "missing.h5"), "--out", str(tmp_path)]) == 2
     assert "no such file" in capsys.readouterr().err

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
+import h5py
+import numpy as np
 import pytest
 
+import spavae
+from spavae.cli import main
 from spavae.utils import atomic_path
 
 
@@ -42,3 +47,57 @@ def test_a_failed_write_syncs_nothing_and_leaves_the_earlier_file(tmp_path, monk
         tmp.write_text("half")
         raise RuntimeError("killed")
     assert calls == [] and target.read_text() == "earlier" and os.listdir(tmp_path) == ["result.txt"]
+
+
+@pytest.fixture(scope="module")
+def h5_file(tmp_path_factory):
+    """144 simulated spots and 30 genes in the spaVAE layout, without labels."""
+    adata = spavae.simulate_spatial_counts(n_rows=12, n_cols=12, n_genes=30, n_domains=3, seed=3)
+    path = tmp_path_factory.mktemp("outputs") / "section.h5"
+    with h5py.File(path, "w") as h5:
+        h5["X"], h5["pos"] = adata.X, adata.obsm["spatial"]
+    return path
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_a_second_run_into_the_same_folder_is_refused_unless_overwrite(h5_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["run", str(h5_file), "--out", str(out), "--epochs", "1", "--quiet", "--threads", "1"]
+    assert main([*common, "--n-domains", "auto", "--k-range", "2:3"]) == 0
+    earlier = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert {"results.h5ad", "model.pt", "n_domains_selection.csv"} <= set(earlier)
+    capsys.readouterr()
+    assert main([*common, "--n-domains", "2"]) == 2
+    err = one_line_error(capsys)
+    assert "already holds the outputs of an earlier run" in err and "results.h5ad" in err and "model.pt" in err
+    assert "--overwrite" in err and "--out NEWDIR" in err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == earlier
+    assert main([*common, "--n-domains", "2", "--overwrite"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["n_domains_chosen_by"] == "given"
+    assert (out / "model.pt").read_bytes() != earlier["model.pt"]
+    assert not (out / "n_domains_selection.csv").exists()  # the earlier run's, which this run does not describe
+
+
+def test_a_second_default_run_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "spavae_out").mkdir()
+    (tmp_path / "spavae_out" / "results.h5ad").write_text("an earlier run")
+    assert main(["run", "--quiet"]) == 2
+    err = one_line_error(capsys)
+    assert "spavae_out already holds the outputs of an earlier run (results.h5ad)" in err
+    assert "--overwrite" in err and "--out NEWDIR" in err
+    assert os.listdir(tmp_path / "spavae_out") == ["results.h5ad"]
+
+
+def test_a_folder_with_other_files_is_not_an_earlier_run(h5_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["run", str(h5_file), "--out", str(out), "--epochs", "1", "--n-domains", "2", "--quiet",
+                 "--threads", "1"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.pt").is_file()
