@@ -1,13 +1,16 @@
 """Every SVGP quantity against a dense float64 computation written independently here (explicit inverses)."""
 
+import ast
+import inspect
 import math
 
 import numpy as np
 import pytest
 import torch
 from gpytorch.kernels import MaternKernel, ScaleKernel
+from gpytorch.variational import CholeskyVariationalDistribution, UnwhitenedVariationalStrategy
 
-from spavae.gp import CauchyKernel, SpatialGP, gauss_cross_entropy
+from spavae.gp import CauchyKernel, SpatialGP, gauss_cross_entropy, svgp
 
 D = torch.float64
 N_OBS = 400.0
@@ -188,3 +191,24 @@ def test_a_training_step_computes_each_kernel_matrix_once():
     mean, var = gp.marginals(x.clone())  # another tensor: K_px is computed afresh and agrees
     torch.testing.assert_close(mean, terms.mean)
     torch.testing.assert_close(var, terms.var)
+
+
+def test_the_svgp_reaches_gpytorch_through_public_names_only(problem):
+    """No private member of GPyTorch's strategy or model (an underscore name that GPyTorch, not torch or spavae,
+    defines) is used in spavae.gp.svgp, so that a GPyTorch release that renames one cannot break it silently; the
+    closed-form q(u) that it sets through its own reference is the one GPyTorch's public property returns."""
+    inducing, x, omega, phi2 = problem
+    plain = UnwhitenedVariationalStrategy(SpatialGP(inducing, 2), inducing, CholeskyVariationalDistribution(16))
+    gpytorch_private = {name for name in dir(plain) if name.startswith("_") and not name.startswith("__")}
+    gpytorch_private -= set(dir(torch.nn.Module())) | {"_VariationalDistribution"}  # the exported base class
+    tree = ast.parse(inspect.getsource(svgp))
+    own = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)} | {
+        node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)}
+    used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    assert sorted((used & gpytorch_private) - own) == []
+    gp = SpatialGP(inducing, 2, CauchyKernel(20.0)).double()
+    gp.eval()
+    for rows in (slice(0, 25), slice(25, 50)):  # the public property's memo is dropped at each conditioning
+        gp.condition_on(x[rows], omega[rows], phi2[rows], N_OBS)
+        torch.testing.assert_close(gp.variational_strategy.variational_distribution.mean,
+                                   gp.posterior_state()["mean"])

@@ -28,7 +28,7 @@ from gpytorch.kernels import Kernel
 from gpytorch.likelihoods import FixedNoiseGaussianLikelihood
 from gpytorch.means import ZeroMean
 from gpytorch.models import ApproximateGP
-from gpytorch.utils.memoize import cached
+from gpytorch.utils.memoize import cached, clear_cache_hook
 from gpytorch.variational import CholeskyVariationalDistribution, UnwhitenedVariationalStrategy, _VariationalDistribution
 from linear_operator.operators import DiagLinearOperator, RootLinearOperator
 
@@ -91,6 +91,12 @@ class BatchOptimalVariationalStrategy(UnwhitenedVariationalStrategy):
         self._batch_cross: tuple[torch.Tensor, torch.Tensor] | None = None  # (x, K_px) of the conditioning batch
 
     @property
+    def q_u(self) -> _VariationalDistribution:
+        """The variational distribution module (GPyTorch registers it under a private name: it is found among the
+        strategy's children)."""
+        return next(child for child in self.children() if isinstance(child, _VariationalDistribution))
+
+    @property
     @cached(name="prior_distribution_memo")
     def prior_distribution(self) -> MultivariateNormal:
         """:math:`p(u) = N(0, K_{pp} + \\text{jitter} \\cdot I)` with this strategy's jitter."""
@@ -121,7 +127,7 @@ class BatchOptimalVariationalStrategy(UnwhitenedVariationalStrategy):
     def _forget_batch(self) -> None:
         """Drop the kernel matrices kept from the last conditioning (before a new one, or a restored q(u))."""
         self._batch_cross = self._conditioned_chol = self._sigma_chol = None
-        self._clear_cache()
+        clear_cache_hook(self)  # GPyTorch's memos (p(u), K_pp, the q(u) of variational_distribution)
 
     def statistics(self, x: torch.Tensor, omega: torch.Tensor, phi2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Sufficient statistics of a batch for :math:`q(u)`: :math:`K_{pb}\Lambda^{-1}K_{bp}` and
@@ -158,7 +164,7 @@ class BatchOptimalVariationalStrategy(UnwhitenedVariationalStrategy):
         mean = (k_pp @ torch.cholesky_solve(scale * rhs.unsqueeze(-1), sigma_chol)).squeeze(-1)
         root = torch.linalg.solve_triangular(sigma_chol, k_pp.expand_as(sigma), upper=False).transpose(-1, -2)
         self._sigma_chol = sigma_chol
-        self._variational_distribution.set_state(mean, root)
+        self.q_u.set_state(mean, root)
 
     def condition(self, x: torch.Tensor, omega: torch.Tensor, phi2: torch.Tensor, scale: float) -> None:
         """Set :math:`q(u)` to the closed-form optimum for the batch (ALGORITHM 3.1).
@@ -184,7 +190,7 @@ class BatchOptimalVariationalStrategy(UnwhitenedVariationalStrategy):
         which needs only the Cholesky factors of :math:`\Sigma` and :math:`K`. Any other :math:`q(u)` falls back
         to GPyTorch's generic Gaussian KL.
         """
-        if not isinstance(self._variational_distribution, BatchOptimalVariationalDistribution):
+        if not isinstance(self.q_u, BatchOptimalVariationalDistribution):
             return super().kl_divergence()
         q_u = self.variational_distribution
         k_chol = self._prior_cholesky()
@@ -330,7 +336,7 @@ class SpatialGP(ApproximateGP):
 
     def posterior_state(self) -> dict | None:
         """The current closed-form :math:`q(u)` (mean ``L x p`` and covariance root ``L x p x p``), or ``None``."""
-        q_u = self.variational_strategy._variational_distribution
+        q_u = self.variational_strategy.q_u
         if self.variational == "learned" or q_u.mean is None:
             return None
         return {"mean": q_u.mean.detach().clone(), "covar_root": q_u.covar_root.detach().clone()}
@@ -342,7 +348,7 @@ class SpatialGP(ApproximateGP):
         strategy = self.variational_strategy
         strategy._forget_batch()
         device = strategy.inducing_points.device
-        strategy._variational_distribution.set_state(state["mean"].to(device), state["covar_root"].to(device))
+        strategy.q_u.set_state(state["mean"].to(device), state["covar_root"].to(device))
 
     def marginals(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior means and variances (``n x L`` each) at locations ``x`` under the current :math:`q(u)`."""
