@@ -145,6 +145,9 @@ def test_user_features_in_obsm(section):
     del new.obsm["X_uni"]
     with pytest.raises(ValueError, match="obsm has no 'X_uni'"):
         features.apply(new)
+    adata.obsm["uni"] = pd.DataFrame(embedding[:, :2], index=adata.obs_names, columns=["uni_a", "uni_b"])
+    with pytest.warns(UserWarning, match="1 missing"):
+        assert extract_image_features(adata, "uni").names == ["uni_a", "uni_b"]
 
 
 # ---------------------------------------------------------------------------------------------- TIFF
@@ -185,6 +188,14 @@ def test_tiled_tiff_reads_equal_in_memory_reads_and_stay_local(tmp_path):
     with pytest.warns(UserWarning, match="off image"):
         halved = extract_image_features(adata, array_image(image[::2, ::2], 0.5), **options)
     np.testing.assert_allclose(pyramid.values, halved.values, atol=1e-5)
+
+    striped = tmp_path / "striped.tif"  # uncompressed strips: read through a memory map
+    tifffile.imwrite(striped, image, photometric="rgb", rowsperstrip=300)
+    with tiff_image(striped) as source:
+        assert isinstance(source.array, np.memmap)
+        with pytest.warns(UserWarning, match="off image"):
+            mapped = extract_image_features(adata, source, **options)
+    np.testing.assert_allclose(mapped.values, in_memory.values, atol=1e-5)
 
     with tiff_image(path) as source:
         source.array = ReadLog(source.array)

@@ -28,7 +28,7 @@ REASONS = ("off_image", "background", "missing")
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs")
 
 
-@dataclass
+@dataclass(eq=False)
 class ImageFeatures:
     """Standardised per-spot image features and how they were made.
 
@@ -125,17 +125,18 @@ class ImageFeatures:
         if spot_diameter is None and settings["extractor"] != OBSM_EXTRACTOR:
             spot_diameter = _library_diameter(adata, library_id)
             spot_diameter = settings["spot_diameter"] if spot_diameter is None else spot_diameter
-        raw, reasons, new_settings = _raw_features(
+        raw, reasons, names, new_settings = _raw_features(
             adata, image, library_id=library_id, spatial_key=settings["spatial_key"], spot_diameter=spot_diameter,
             background=settings["background"], background_tolerance=settings["background_tolerance"],
             max_background_fraction=settings["max_background_fraction"], min_coverage=settings["min_coverage"],
             block_size=block_size)
         if (new_settings["extractor"], new_settings["extractor_version"]) != \
-                (settings["extractor"], settings["extractor_version"]) or raw.shape[1] != len(self.names):
+                (settings["extractor"], settings["extractor_version"]) or names != self.names:
             raise ValueError(f"these features were made by extractor {settings['extractor']} (version "
                              f"{settings['extractor_version']}, {len(self.names)} features) but image={image!r} gives "
                              f"{new_settings['extractor']} (version {new_settings['extractor_version']}, "
-                             f"{raw.shape[1]} features); pass the same kind of image as when they were fitted")
+                             f"{len(names)} features); pass the same kind of image or features as when they were "
+                             "fitted")
         return _standardised(raw, reasons, self.mean, self.scale, list(self.names), adata.obs_names, new_settings)
 
     def to_dict(self) -> dict:
@@ -223,7 +224,7 @@ def extract_image_features(
     -------
     The :class:`ImageFeatures`, in the order of ``adata.obs_names``. A warning counts the masked spots.
     """
-    raw, reasons, settings = _raw_features(
+    raw, reasons, names, settings = _raw_features(
         adata, image, library_id=library_id, spatial_key=spatial_key, spot_diameter=spot_diameter,
         background=background, background_tolerance=background_tolerance,
         max_background_fraction=max_background_fraction, min_coverage=min_coverage, block_size=block_size)
@@ -235,8 +236,6 @@ def extract_image_features(
     mean = raw[usable].mean(0)
     scale = raw[usable].std(0)
     scale[~(scale > 1e-10 * np.maximum(1.0, np.abs(mean)))] = 1.0
-    names = [f"{image}_{j}" for j in range(raw.shape[1])] if settings["extractor"] == OBSM_EXTRACTOR \
-        else list(FEATURE_NAMES)
     return _standardised(raw, reasons, mean, scale, names, adata.obs_names, settings)
 
 
@@ -258,7 +257,7 @@ def _counts(reasons: np.ndarray) -> str:
 
 def _raw_features(adata: ad.AnnData, image, *, library_id, spatial_key, spot_diameter, background,
                   background_tolerance, max_background_fraction, min_coverage, block_size):
-    """``(raw features n x f, reasons, settings)``."""
+    """``(raw features n x f, reasons, feature names, settings)``."""
     if isinstance(image, str) and image != "auto" and image in adata.obsm:
         return _obsm_features(adata, image)
     for name, value in (("background_tolerance", background_tolerance),
@@ -300,19 +299,24 @@ def _raw_features(adata: ad.AnnData, image, *, library_id, spatial_key, spot_dia
     finally:
         if owned:
             source.close()
-    return raw, reasons, settings
+    return raw, reasons, list(FEATURE_NAMES), settings
 
 
 def _obsm_features(adata: ad.AnnData, key: str):
-    values = adata.obsm[key]
-    values = np.asarray(values.to_numpy() if hasattr(values, "to_numpy") else values, dtype=np.float64)
+    table = adata.obsm[key]
+    names = [str(c) for c in table.columns] if hasattr(table, "columns") else None
+    try:
+        values = np.asarray(table.to_numpy() if hasattr(table, "to_numpy") else table, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"obsm['{key}'] does not hold numbers; image features need one row of numbers per spot") \
+            from None
     if values.ndim != 2 or values.shape[1] == 0:
         raise ValueError(f"obsm['{key}'] has shape {values.shape}; image features need one row of numbers per spot")
     reasons = np.where(np.isfinite(values).all(1), "", "missing").astype(object)
     settings = {"extractor": OBSM_EXTRACTOR, "extractor_version": None, "source": {"kind": "obsm", "image": key},
                 "spatial_key": None, "background": None, "background_tolerance": 1.0, "max_background_fraction": 1.0,
                 "min_coverage": 1.0}
-    return values, reasons, settings
+    return values, reasons, names or [f"{key}_{j}" for j in range(values.shape[1])], settings
 
 
 def _coordinates(adata: ad.AnnData, spatial_key: str) -> np.ndarray:

@@ -11,6 +11,7 @@ y) map to image pixels by ``pixel = coordinate * scale + offset``; the centre of
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -25,6 +26,7 @@ TIFF_HINT = "pip install tifffile"
 SPATIALDATA_HINT = "pip install spavae[spatialdata]"
 CHANNELS_LAST = {"YXS", "YXC"}
 CHANNELS_FIRST = {"SYX", "CYX"}
+MAX_CHUNK_MB = 64
 
 
 @dataclass
@@ -193,7 +195,8 @@ def tiff_image(path: str | os.PathLike, *, level: int = 0, series: int = 0) -> I
     Parameters
     ----------
     path
-        The TIFF file; tiled TIFFs are read tile by tile, striped ones strip by strip.
+        The TIFF file; tiled TIFFs are read tile by tile, compressed striped ones strip by strip (a warning
+        when a strip exceeds 64 MB) and uncompressed striped ones through a memory map.
     level
         Pyramid level (0 = full resolution); the scale is that level's width over level 0's.
     series
@@ -225,7 +228,16 @@ def tiff_image(path: str | os.PathLike, *, level: int = 0, series: int = 0) -> I
         if axes not in CHANNELS_LAST | CHANNELS_FIRST:
             raise ValueError(f"{path} holds an image with axes '{axes}'; an RGB image (axes YXS, SYX or CYX) is "
                              "needed")
-        array = zarr.open(tif.series[series].aszarr(level=level), mode="r")
+        page = levels[level].keyframe
+        if not page.is_tiled and page.is_memmappable:  # uncompressed strips: map the file, read only what is sliced
+            array = levels[level].asarray(out="memmap")
+        else:  # tiles or compressed strips: tifffile's zarr store decodes only the chunks under a slice
+            array = zarr.open(tif.series[series].aszarr(level=level), mode="r")
+            chunk_mb = np.prod(array.chunks) * array.dtype.itemsize / 2 ** 20
+            if chunk_mb > MAX_CHUNK_MB:
+                warnings.warn(f"{path} stores its pixels in chunks of {chunk_mb:.0f} MB ({array.chunks}), each decoded "
+                              "whole on every read; write it as a tiled pyramidal TIFF (e.g. tifffile's "
+                              "tile=(512, 512)) to bound the memory", stacklevel=2)
         x_axis = axes.index("X")
         scale = levels[level].shape[x_axis] / levels[0].shape[levels[0].axes.index("X")]
         return ImageSource(array, scale, channels_first=axes in CHANNELS_FIRST, closer=tif.close,
