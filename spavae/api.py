@@ -32,8 +32,8 @@ MODULE_DEFAULTS = {name: parameter.default for name, parameter in inspect.signat
                    if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("n_obs", "dtype")}
 #: Version of the model-file layout written by :meth:`SpaVAE.save` (2: the fitted data setup and q(u) inside).
 MODEL_FORMAT = 2
-#: ``write_results`` writes the denoised layer in memory only up to this many spots x genes entries (200 MB in
-#: float32); above, it says so and :meth:`SpaVAE.write_denoised` streams the layer to disk instead.
+#: ``write_results`` writes the denoised counts in memory only up to this many values (spots x the model's genes and
+#: proteins; 200 MB in float32); above, it says so and :meth:`SpaVAE.write_denoised` streams them to disk instead.
 DENSE_OUTPUT_LIMIT = 50_000_000
 
 #: The original's five models as settings of :class:`SpaVAE` (``init``) and its training defaults (``train``).
@@ -534,9 +534,15 @@ class SpaVAE:
         """Write the results into ``adata`` (which must hold the model's spots in the same order).
 
         * ``obsm['X_<key>']``: the latent; ``obsm['X_<key>_gp']`` and ``obsm['X_<key>_gauss']`` its two parts;
-        * ``layers['<key>_denoised']``: denoised counts at the observed library size (with ``denoise``; ``'auto'``
-          writes it up to 50 million spots x genes entries and otherwise says to use :meth:`write_denoised`);
-        * ``uns['<key>']``: the model and training parameters, package versions and the final kernel scale.
+        * with ``denoise``: the denoised counts of the model's genes at the observed library size, and of nothing
+          else: genes the model never saw get no values, rather than zeros that would look like predictions.
+          When ``adata``'s genes are the model's genes (in any order; e.g. every gene was kept), they go to
+          ``layers['<key>_denoised']``; when ``adata`` has other genes too (e.g. the model kept the highly variable
+          ones), to ``obsm['<key>_denoised']`` (spots x model genes), with the genes, in its column order, in
+          ``uns['<key>']['denoised_genes']``. A model with proteins adds ``obsm['<key>_denoised_proteins']``.
+          ``'auto'`` writes them up to 50 million values (spots x model genes and proteins) and otherwise says to
+          use :meth:`write_denoised`, which streams them to disk;
+        * ``uns['<key>']['params']``: the model and training parameters, package versions and the final kernel scale.
         """
         self.check_same_spots(adata)
         latent = self.get_latent_representation()
@@ -544,24 +550,29 @@ class SpaVAE:
         adata.obsm[f"X_{key_added}"] = latent
         adata.obsm[f"X_{key_added}_gp"] = latent[:, :n_gp]
         adata.obsm[f"X_{key_added}_gauss"] = latent[:, n_gp:]
+        info: dict = {"params": self.summary()}
         if denoise == "auto":
-            denoise = len(self.obs_names) * len(self.var_names) <= DENSE_OUTPUT_LIMIT
+            n_values = len(self.obs_names) * (len(self.var_names) + self.setup.n_proteins)
+            denoise = n_values <= DENSE_OUTPUT_LIMIT
             if not denoise:
-                logger.warning("not writing layers['%s_denoised']: %d x %d values; use model.write_denoised(path) to "
-                               "stream them to disk, or get_denoised_counts(genes=[...]) for a few genes",
-                               key_added, len(self.obs_names), len(self.var_names))
+                logger.warning("not writing the denoised counts: %d spots x %d genes%s; use model.write_denoised(path) "
+                               "to stream them to disk, or get_denoised_counts(genes=[...]) for a few genes",
+                               len(self.obs_names), len(self.var_names),
+                               f" and {self.setup.n_proteins} proteins" if self.setup.n_proteins else "")
         if denoise:
-            columns = self.setup.gene_columns(adata)
             denoised = self.get_denoised_counts(n_samples=n_samples)
-            if columns is not None:  # adata has extra or reordered genes: write the model's genes in adata's order
-                full = np.zeros((adata.n_obs, adata.n_vars), dtype=np.float32)
-                full[:, columns] = denoised
-                denoised = full
-            adata.layers[f"{key_added}_denoised"] = denoised
+            columns = self.setup.gene_columns(adata)
+            if columns is None:
+                adata.layers[f"{key_added}_denoised"] = denoised
+            elif len(columns) == adata.n_vars:  # the model's genes in another order: adata's order
+                adata.layers[f"{key_added}_denoised"] = denoised[:, np.argsort(columns)]
+            else:
+                adata.obsm[f"{key_added}_denoised"] = denoised
+                info["denoised_genes"] = list(self.var_names)
             if len(self.module.observations) > 1:
                 adata.obsm[f"{key_added}_denoised_proteins"] = self.get_denoised_counts(n_samples=n_samples,
                                                                                         modality="proteins")
-        adata.uns[key_added] = {"params": self.summary()}
+        adata.uns[key_added] = info
 
     def summary(self) -> dict:
         """Model and training parameters, versions and fitted kernel scale (JSON/h5ad friendly)."""

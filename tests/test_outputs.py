@@ -1,8 +1,10 @@
-"""Output files: atomic writes that survive a power cut, and `spavae run` refusing to replace an earlier run."""
+"""Output files: atomic writes that survive a power cut, `spavae run` refusing to replace an earlier run, and
+`SpaVAE.write_results` writing values for the model's genes only."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 
@@ -101,3 +103,47 @@ def test_a_folder_with_other_files_is_not_an_earlier_run(h5_file, tmp_path):
     assert main(["run", str(h5_file), "--out", str(out), "--epochs", "1", "--n-domains", "2", "--quiet",
                  "--threads", "1"]) == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / "model.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def gene_subset_model():
+    """A model trained (one epoch) on 20 of the 30 genes of a section, and the section with all 30."""
+    adata = spavae.simulate_spatial_counts(n_rows=12, n_cols=12, n_genes=30, n_domains=3, seed=3)
+    model = spavae.SpaVAE(adata[:, 5:25].copy(), seed=0, device="cpu")
+    model.train(max_epochs=1, progress=False)
+    return adata, model
+
+
+def test_write_results_gives_genes_outside_the_model_no_values(gene_subset_model, tmp_path):
+    adata, model = gene_subset_model
+    adata = adata.copy()
+    model.write_results(adata, n_samples=2)
+    assert "spavae_denoised" not in adata.layers  # no zeros for the 10 genes the model never saw
+    assert adata.uns["spavae"]["denoised_genes"] == list(model.var_names) == list(adata.var_names[5:25])
+    np.testing.assert_array_equal(adata.obsm["spavae_denoised"], model.get_denoised_counts(n_samples=2))
+    adata.write_h5ad(tmp_path / "results.h5ad")
+    again = spavae.read_h5ad(tmp_path / "results.h5ad")
+    assert list(again.uns["spavae"]["denoised_genes"]) == list(model.var_names)
+
+
+def test_write_results_puts_the_model_genes_in_the_order_of_the_data(gene_subset_model):
+    adata, model = gene_subset_model
+    reordered = adata[:, list(reversed(model.var_names))].copy()
+    model.write_results(reordered, n_samples=2)
+    denoised = model.get_denoised_counts(n_samples=2)
+    np.testing.assert_array_equal(reordered.layers["spavae_denoised"], denoised[:, ::-1])
+    assert "denoised_genes" not in reordered.uns["spavae"] and "spavae_denoised" not in reordered.obsm
+
+
+def test_write_results_checks_the_size_limit_on_what_it_writes(gene_subset_model, monkeypatch, caplog):
+    adata, model = gene_subset_model
+    monkeypatch.setattr(spavae.api, "DENSE_OUTPUT_LIMIT", adata.n_obs * 20)  # the model's genes, not adata's 30
+    written = adata.copy()
+    model.write_results(written, n_samples=2)
+    assert written.obsm["spavae_denoised"].shape == (adata.n_obs, 20)
+    monkeypatch.setattr(spavae.api, "DENSE_OUTPUT_LIMIT", adata.n_obs * 20 - 1)
+    skipped = adata.copy()
+    with caplog.at_level(logging.WARNING, logger="spavae"):
+        model.write_results(skipped, n_samples=2)
+    assert "spavae_denoised" not in skipped.obsm and "spavae_denoised" not in skipped.layers
+    assert f"not writing the denoised counts: {adata.n_obs} spots x 20 genes" in caplog.text

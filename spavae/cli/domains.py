@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  domains.csv                one row per spot: the domain (and the unrefined one with --refine)\n"
         "  domains.h5ad               the spots with the domains as a categorical obs column and their colours\n"
         "                             in uns['<key>_colors'] (scanpy.pl.spatial / squidpy draw them), the latent\n"
-        "                             in obsm['X_spavae'] and the counts as a sparse .X (no layers)\n"
+        "                             in obsm['X_spavae'] and the counts as a sparse .X (no denoised values)\n"
         "  domains.png                the domains in space, next to the ground truth when the data has labels\n"
         "  summary.json               number of domains and how it was chosen, method, Leiden resolution,\n"
         "                             ARI/NMI against the labels when there are labels\n"
@@ -108,8 +108,9 @@ def domains_command(args: argparse.Namespace) -> None:
         print(unscored_line(adata.n_obs), flush=True)
     columns = [key for key in (args.key, f"{args.key}_unrefined") if key in adata.obs]
     export = adata.copy()
-    for layer in [name for name in export.layers if name.endswith("_denoised")]:
-        del export.layers[layer]  # recomputable from the model, and as large as the data
+    for mapping in (export.layers, export.obsm):  # denoised values: recomputable from the model, as large as the data
+        for key in [name for name in mapping if "_denoised" in name]:
+            del mapping[key]
     if export.X is not None and not sparse.issparse(export.X):
         export.X = sparse.csr_matrix(export.X)
     locations = np.asarray(adata.obsm["spatial"], dtype=np.float64)
