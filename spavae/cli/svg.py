@@ -66,7 +66,7 @@ def svg_command(args: argparse.Namespace) -> None:
                                      threads_per_task=args.threads_per_task if args.ray else None,
                                      progress=lambda r: print(f"null model {r + 1}/{args.permutations}", flush=True))
     top = list(table.index[:args.n_plot])
-    denoised = model.get_denoisednormalised_counts(library_size="normalized")[:, model.var_names.get_indexer(top)]
+    denoised = model.get_denoised_counts(library_size="normalized", genes=top)
     written = Outputs(out)
     written.csv("svg.csv", table.rename_axis("gene"))
     written.figure("svg.png", plot_marker_genes, adata.obsm[model.init_params["spatial_key"]],
