@@ -92,13 +92,17 @@ class ImageSource:
         return np.asarray(coordinates, dtype=np.float64)[:, :2] * self.scale + np.asarray(self.offset)
 
     def read(self, rows: slice, cols: slice) -> np.ndarray:
-        """The RGB pixels of a rectangle inside the image, as float32 in [0, 1], shape ``(rows, cols, 3)``."""
+        """The RGB pixels of a rectangle inside the image (slices with positive steps), as float32 in [0, 1],
+        shape ``(rows, cols, 3)``."""
         if self.channels_first:
             block = np.moveaxis(np.asarray(self.array[:3, rows, cols]), 0, -1)
         else:
             block = np.asarray(self.array[rows, cols, :3])
-        block = block.astype(np.float32, copy=False)
-        return block / self._white if self._white != 1.0 else block
+        if self._white == 1.0:
+            return block.astype(np.float32, copy=False)
+        block = block.astype(np.float32)  # integers: a new array, safe to scale in place
+        block /= self._white
+        return block
 
     def close(self) -> None:
         """Release the file behind the image, if any."""
