@@ -31,6 +31,39 @@ def test_align_labels_undoes_a_renaming_and_numbers_extra_domains_after_the_refe
     np.testing.assert_array_equal(aligned[split != 9], reference[split != 9])
 
 
+def with_extras(base: np.ndarray, extras: dict[int, np.ndarray]) -> np.ndarray:
+    """``base`` with the spots of each ``{label: spots}`` moved to that label."""
+    labels = base.copy()
+    for label, spots in extras.items():
+        labels[spots] = label
+    return labels
+
+
+def test_a_domain_sharing_no_spot_with_the_reference_domain_is_not_matched_to_it():
+    base = np.repeat(np.arange(3), 12)
+    reference = with_extras(base, {3: np.arange(24, 28)})  # an extra domain cut from domain 2
+    other = with_extras(base, {7: np.arange(0, 4)})  # another run's extra domain, cut from domain 0
+    aligned = align_labels(other, reference)
+    np.testing.assert_array_equal(aligned[4:], base[4:])
+    assert set(aligned[:4]) == {4}  # a label of its own: not the reference's extra domain 3 (no spot in common)
+
+
+def test_disjoint_extra_domains_of_different_runs_stay_apart_and_the_same_extra_domain_is_joined():
+    """Two seeds cut an extra domain P out of domain 0, two others an extra domain Q out of domain 1; no run puts
+    P and Q together, so the consensus must not either (today's numbering from one offset merged them)."""
+    base = np.repeat(np.arange(3), 12)
+    p, q = np.arange(0, 4), np.arange(12, 16)
+    runs = [base,  # the medoid: no extra domain, so every other run's extra domain is unmatched
+            with_extras(base, {7: p, 0: q}), with_extras(base, {7: p, 2: q}),
+            with_extras(base, {1: p, 7: q}), with_extras(base, {2: p, 7: q})]
+    for run in runs:  # no run puts a spot of P with a spot of Q
+        assert not set(run[p]) & set(run[q])
+    consensus = consensus_labels(runs)
+    assert consensus[0] != consensus[12]
+    # P and Q are each found by two seeds, with a plurality of the votes: each its own consensus domain
+    assert adjusted_rand_score(with_extras(base, {3: p, 4: q}), consensus) == 1.0
+
+
 def test_consensus_of_renamed_noisy_copies_recovers_the_labels():
     rng = np.random.default_rng(1)
     truth = np.repeat(np.arange(5), 60)

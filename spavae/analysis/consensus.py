@@ -3,8 +3,13 @@
 Several trainings that differ only in their seed give several domain labelings of the same spots. Their domain
 *numbers* are arbitrary (domain 3 of seed 0 may be domain 1 of seed 1), so the labelings are first aligned to a
 reference with the Hungarian algorithm on their contingency table (the matching that keeps the most spots in
-agreement), then every spot takes the label most runs give it. The consensus becomes the new reference and the
-two steps repeat until the labels stop changing.
+agreement; a pair of domains without a spot in common is never a match), then every spot takes the label most runs
+give it. The consensus becomes the new reference and the two steps repeat until the labels stop changing.
+
+A domain that matches no reference domain (a run found more domains, or found one where the reference has none) is
+matched, the same way, to the extra domains of the runs aligned before it: the same extra domain found by several
+seeds gets one label, and extra domains that share no spot keep labels of their own, so unrelated domains of
+different seeds never add up their votes.
 
 Why alignment and a vote rather than a co-association matrix: a co-association matrix holds, for every pair of
 spots, the share of runs that put them in one domain, which is N x N (80 GB in float64 for 100,000 spots).
@@ -46,8 +51,9 @@ def align_labels(labels, reference) -> np.ndarray:
     """``labels`` renumbered to agree with ``reference`` as much as possible (Hungarian matching).
 
     Each domain of ``labels`` is matched to at most one domain of ``reference`` so that the number of spots with
-    the same label in both is largest. Domains left unmatched (when ``labels`` has more domains) get new numbers
-    from ``reference.max() + 1`` on.
+    the same label in both is largest; a domain that shares no spot with the reference domain the matching would
+    give it stays unmatched. Unmatched domains (also when ``labels`` has more domains) get new numbers from
+    ``reference.max() + 1`` on.
 
     Parameters
     ----------
@@ -63,15 +69,43 @@ def align_labels(labels, reference) -> np.ndarray:
     codes, reference = _codes(labels), np.asarray(reference, dtype=np.int64).ravel()
     if len(codes) != len(reference):
         raise ValueError(f"{len(codes)} labels for {len(reference)} reference labels")
-    n_own, n_ref = codes.max() + 1, reference.max() + 1
-    table = np.zeros((n_own, n_ref), dtype=np.int64)
-    np.add.at(table, (codes, reference), 1)
+    return _align([codes], reference)[0]
+
+
+def _matching(codes: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The target label of each domain of ``codes`` (-1: none) by Hungarian matching on the contingency table.
+
+    Spots whose ``target`` is negative are left out; a pair of domains without a spot in common is no match.
+    """
+    mapping = np.full(int(codes.max()) + 1, -1, dtype=np.int64)
+    counted = target >= 0
+    if not counted.any():
+        return mapping
+    table = np.zeros((len(mapping), int(target.max()) + 1), dtype=np.int64)
+    np.add.at(table, (codes[counted], target[counted]), 1)
     rows, cols = linear_sum_assignment(table, maximize=True)
-    mapping = np.full(n_own, -1, dtype=np.int64)
-    mapping[rows] = cols
-    unmatched = np.flatnonzero(mapping < 0)
-    mapping[unmatched] = n_ref + np.arange(len(unmatched))
-    return mapping[codes]
+    shared = table[rows, cols] > 0
+    mapping[rows[shared]] = cols[shared]
+    return mapping
+
+
+def _align(runs: list[np.ndarray], reference: np.ndarray) -> list[np.ndarray]:
+    """Every run (integer codes) in the numbering of ``reference``; unmatched domains are matched to the extra
+    domains of the runs before them (each spot keeps the label of the first extra domain that held it) or get a
+    new label, from ``reference.max() + 1`` on (see the module)."""
+    extra = np.full(len(reference), -1, dtype=np.int64)
+    next_label = int(reference.max()) + 1
+    aligned = []
+    for codes in runs:
+        mapping = _matching(codes, reference)
+        unmatched = mapping[codes] < 0
+        mapping = np.where(mapping < 0, _matching(codes, np.where(unmatched, extra, -1)), mapping)
+        for domain in np.flatnonzero(mapping < 0):
+            mapping[domain] = next_label
+            extra[(codes == domain) & (extra < 0)] = next_label
+            next_label += 1
+        aligned.append(mapping[codes])
+    return aligned
 
 
 def _vote(aligned: list[np.ndarray], reference: np.ndarray) -> np.ndarray:
@@ -97,7 +131,8 @@ def consensus_labels(labelings: Sequence, *, max_iter: int = 10) -> np.ndarray:
     """Consensus domains of several labelings of the same spots (alignment + majority vote, see the module).
 
     The first reference is the medoid labeling (the highest mean ARI to the others), so the result does not
-    depend on the order of the runs except through ties.
+    depend on the order of the runs except through ties and, for an extra domain that several runs find with
+    different spots, through which of them found it first (its spots are matched against the later runs').
 
     Parameters
     ----------
@@ -118,7 +153,7 @@ def consensus_labels(labelings: Sequence, *, max_iter: int = 10) -> np.ndarray:
         ari[i, j] = ari[j, i] = adjusted_rand_score(runs[i], runs[j])
     reference = runs[int(ari.mean(1).argmax())]
     for _ in range(max_iter):
-        consensus = _vote([align_labels(run, reference) for run in runs], reference)
+        consensus = _vote(_align(runs, reference), reference)
         if np.array_equal(consensus, reference):
             break
         reference = consensus
