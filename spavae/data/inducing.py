@@ -35,3 +35,39 @@ def kmeans_inducing_points(locations: np.ndarray, n_points: int, *, seed: int = 
     if not isinstance(n_points, (int, np.integer)) or not 1 <= n_points <= len(locations):
         raise ValueError(f"n_inducing must be an integer between 1 and the number of spots, got {n_points!r}")
     return KMeans(n_clusters=n_points, n_init=n_init, random_state=seed).fit(locations).cluster_centers_
+
+
+def split_inducing(sizes: Sequence[int], total: int, floors: Sequence[int]) -> np.ndarray:
+    """Share ``total`` inducing points among sections in proportion to their spot counts, each at least its floor.
+
+    A section whose proportional share falls below its floor gets the floor, and the rest is shared among the
+    other sections in proportion to their sizes, until every share reaches its floor; the shares are then rounded
+    by largest remainder, so they add up to ``total`` (ties go to the earlier section). If the floors alone exceed
+    ``total``, every section gets its floor.
+
+    Parameters
+    ----------
+    sizes
+        Number of spots of each section.
+    total
+        Number of inducing points of all sections together.
+    floors
+        The fewest points each section may get.
+
+    Returns
+    -------
+    The number of inducing points of each section (integers).
+    """
+    sizes, floors = np.asarray(sizes, dtype=np.float64), np.asarray(floors, dtype=np.int64)
+    fixed = np.zeros(len(sizes), dtype=bool)
+    while not fixed.all():
+        free = ~fixed
+        share = np.where(free, (total - floors[fixed].sum()) * sizes / sizes[free].sum(), floors)
+        below = free & (share < floors)
+        if not below.any():
+            counts = np.floor(share).astype(np.int64)
+            remainder = np.where(free, share - counts, -1.0)
+            counts[np.argsort(-remainder, kind="stable")[:total - counts.sum()]] += 1
+            return counts
+        fixed |= below
+    return floors

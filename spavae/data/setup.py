@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import anndata as ad
@@ -25,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from spavae.data.counts import count_matrix, row_chunks
-from spavae.data.inducing import grid_inducing_points, kmeans_inducing_points
+from spavae.data.inducing import grid_inducing_points, kmeans_inducing_points, split_inducing
 from spavae.data.frame import FRAMES, LocationFrame
 from spavae.data.preprocess import check_count_block, check_locations
 from spavae.utils import check_number
@@ -45,6 +46,11 @@ AUTO_TOP_GENES = 2000
 #: Up to this many spots the inducing points are the original's 7 x 7 grid; above, k-means centroids that follow
 #: the tissue (see :func:`auto_inducing`).
 GRID_MAX_SPOTS = 20_000
+#: K-means inducing points of ``inducing='kmeans'`` when ``n_inducing`` is not given.
+DEFAULT_KMEANS_INDUCING = 49
+#: With several sections, the k-means inducing points the model chooses are shared among the sections in
+#: proportion to their spots, but each section gets at least this many (or as many as it has distinct locations).
+MIN_SECTION_INDUCING = 4
 
 
 def auto_inducing(n_spots: int) -> tuple[str, int]:
@@ -54,6 +60,8 @@ def auto_inducing(n_spots: int) -> tuple[str, int]:
     500 spots, and the cap keeps the ``O(b p^2 + p^3)`` GP part of a step below the networks' part
     (``benchmarks/scale.py --gp-cost``, 2 CPU threads, b = 512: 0.12 s measured for p = 400 and 0.07 s predicted by
     the fitted cost model for p = 300, against about 0.09 s for the networks and likelihood of 2,000 genes).
+    With several sections ``n_spots`` is their total, and the k-means points are shared among the sections in
+    proportion to their spots (at least :data:`MIN_SECTION_INDUCING` each); a grid is laid over each section.
     """
     if n_spots <= GRID_MAX_SPOTS:
         return "grid", 49
@@ -116,7 +124,12 @@ class DataSetup:
         binarize = likelihood == "bernoulli"
         matrix = count_matrix(adata, layer)
         where = f"layers['{layer}']" if layer else "adata.X"
-        genes, selection = cls._select_genes(matrix, pd.Index(adata.var_names), n_top_genes, binarize, where)
+        sections = _section_names(adata, batch_key)
+        labels = None if sections is None else adata.obs[batch_key].astype(str).to_numpy()
+        codes = np.zeros(adata.n_obs, dtype=np.int64) if sections is None else \
+            pd.Categorical(labels, categories=sections).codes.astype(np.int64)
+        genes, selection = cls._select_genes(matrix, pd.Index(adata.var_names), n_top_genes, binarize, where,
+                                             batch_key, labels)
         if len(genes) < MIN_GENES:
             raise ValueError(f"{where} has {len(genes)} gene(s); spavae needs at least {MIN_GENES}")
         columns = pd.Index(adata.var_names).get_indexer(genes)
@@ -130,31 +143,22 @@ class DataSetup:
             from spavae.likelihoods import background_prior_from_counts
 
             background = np.stack([t.numpy() for t in background_prior_from_counts(proteins, seed=seed)])
-        sections = _section_names(adata, batch_key)
         locations = spot_locations(adata, spatial_key)
-        frames, points = [], []
         if n_inducing is not None:
             check_number("n_inducing", n_inducing, integer=True, low=1)
-        method, n_points = auto_inducing(adata.n_obs) if inducing == "auto" else (inducing, n_inducing or 49)
-        codes = np.zeros(adata.n_obs, dtype=int) if sections is None else \
-            pd.Categorical(adata.obs[batch_key].astype(str), categories=sections).codes
-        for index in range(1 if sections is None else len(sections)):
-            frame = LocationFrame(location_frame, loc_range).fit(locations[codes == index])
-            frames.append(frame)
-            if method == "grid":
-                section_points = grid_inducing_points(inducing_steps, frame.extent)
-            else:
-                scaled = frame.transform(locations[codes == index])
-                if n_inducing is not None and n_inducing > len(scaled):
-                    raise ValueError(f"n_inducing must be an integer between 1 and the number of spots of each section "
-                                     f"({len(scaled)}), got {n_inducing}")
-                sample = np.random.default_rng(seed).permutation(len(scaled))[:100_000]
-                section_points = kmeans_inducing_points(scaled[sample], n_points, seed=seed,
-                                                        n_init=1 if len(sample) > 20_000 else 10)
-            if sections is not None:
-                section_points = np.hstack([section_points, np.tile(np.eye(len(sections))[index],
-                                                                    (len(section_points), 1))])
-            points.append(section_points)
+        frames = [LocationFrame(location_frame, loc_range).fit(locations[codes == index])
+                  for index in range(1 if sections is None else len(sections))]
+        method, n_points = auto_inducing(adata.n_obs) if inducing == "auto" else \
+            (inducing, n_inducing or DEFAULT_KMEANS_INDUCING)
+        if method == "grid":
+            points = [grid_inducing_points(inducing_steps, frame.extent) for frame in frames]
+        else:
+            scaled = [frame.transform(locations[codes == index]) for index, frame in enumerate(frames)]
+            points = _kmeans_inducing(scaled, n_points, given=inducing == "kmeans" and n_inducing is not None,
+                                     seed=seed)
+        if sections is not None:
+            points = [np.hstack([section_points, np.tile(np.eye(len(sections))[index], (len(section_points), 1))])
+                      for index, section_points in enumerate(points)]
         logger.info("data setup: %d spots, %d genes%s, %d inducing points (%s)", adata.n_obs, len(genes),
                     f" (highly variable of {selection['n_input_genes']})" if selection else "",
                     sum(len(p) for p in points), method)
@@ -165,7 +169,8 @@ class DataSetup:
                    protein_background=background)
 
     @staticmethod
-    def _select_genes(matrix, var_names: pd.Index, n_top_genes, binarize: bool, where: str):
+    def _select_genes(matrix, var_names: pd.Index, n_top_genes, binarize: bool, where: str, batch_key: str | None,
+                      labels: np.ndarray | None):
         if not (n_top_genes is None or n_top_genes == "auto" or isinstance(n_top_genes, (int, np.integer))) \
                 or isinstance(n_top_genes, bool):
             raise ValueError(f"n_top_genes must be an integer >= {MIN_GENES}, 'auto' or None, got {n_top_genes!r}")
@@ -177,11 +182,12 @@ class DataSetup:
             raise ValueError(f"n_top_genes must be an integer >= {MIN_GENES}, 'auto' or None, got {n_top_genes!r}")
         from spavae.data.genes import highly_variable_genes
 
-        table = highly_variable_genes(matrix, n_top_genes=int(n_top_genes))
+        table = highly_variable_genes(matrix, n_top_genes=int(n_top_genes), batches=labels)
         keep = np.sort(np.flatnonzero(table["highly_variable"].to_numpy()))
-        logger.info("kept %d highly variable genes of %d in %s (seurat_v3)", len(keep), len(var_names), where)
-        return var_names[keep], {"flavor": "seurat_v3", "n_top_genes": int(n_top_genes),
-                                 "n_input_genes": len(var_names)}
+        logger.info("kept %d highly variable genes of %d in %s (seurat_v3%s)", len(keep), len(var_names), where,
+                    f", ranked within each section of obs['{batch_key}']" if batch_key else "")
+        selection = {"flavor": "seurat_v3", "n_top_genes": int(n_top_genes), "n_input_genes": len(var_names)}
+        return var_names[keep], selection if batch_key is None else selection | {"batch_key": batch_key}
 
     # ------------------------------------------------------------------ applying
     @property
@@ -309,6 +315,42 @@ def _expression_statistics(matrix, columns: np.ndarray, binarize: bool, where: s
     if binarize:  # spaPeakVAE: the binary matrix itself is the encoder input (no z-scoring)
         return library_median, np.zeros(n_genes), np.ones(n_genes)
     return library_median, mean, _safe_sd(np.sqrt(variance), mean)
+
+
+def _kmeans_inducing(scaled: Sequence[np.ndarray], n_points: int, *, given: bool, seed: int = 0) -> list[np.ndarray]:
+    """K-means inducing points of each section, ``n_points`` in all, shared in proportion to the sections' spots.
+
+    Parameters
+    ----------
+    scaled
+        Scaled locations of each section.
+    n_points
+        Number of inducing points of all sections together (one section of all the spots would get as many).
+    given
+        Whether the user gave ``n_points`` (``n_inducing``): then it is checked and kept exactly, each section
+        getting at least one point. Otherwise it is the model's choice, capped at the number of spots, and each
+        section gets at least :data:`MIN_SECTION_INDUCING` points (or as many as it has distinct locations).
+    seed
+        Seed of k-means and of the sample of at most 100,000 spots a section's centroids are fitted on.
+    """
+    n_spots = sum(len(section) for section in scaled)
+    if given:
+        if n_points > n_spots:
+            raise ValueError(f"n_inducing must be an integer between 1 and the number of spots ({n_spots}), "
+                             f"got {n_points}")
+        if n_points < len(scaled):
+            raise ValueError(f"n_inducing={n_points} is fewer than the {len(scaled)} sections; give at least one "
+                             f"inducing point per section (n_inducing >= {len(scaled)})")
+        floors = [1] * len(scaled)
+    else:
+        floors = [min(MIN_SECTION_INDUCING, len(np.unique(section, axis=0))) for section in scaled]
+    counts = split_inducing([len(section) for section in scaled], min(n_points, n_spots), floors)
+    points = []
+    for section, count in zip(scaled, counts):
+        sample = np.random.default_rng(seed).permutation(len(section))[:100_000]
+        points.append(kmeans_inducing_points(section[sample], int(count), seed=seed,
+                                             n_init=1 if len(sample) > 20_000 else 10))
+    return points
 
 
 def _section_names(adata: ad.AnnData, batch_key: str | None) -> list[str] | None:
