@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score, silhouette_score
 from threadpoolctl import threadpool_limits
 
 import spavae
-from spavae.analysis import choose_n_domains, domain_colors, find_domains, spatial_coherence
+from spavae.analysis import choose_n_domains, cluster_domains, domain_colors, find_domains, spatial_coherence
 from spavae.analysis.svg import spatial_scores
 from spavae.cli import build_parser, main
 
@@ -90,6 +90,25 @@ def test_choose_n_domains_finds_the_planted_number_on_a_separating_latent(n_plan
     # at the planted k KMeans recovers the domains, so the silhouette is that of the true labels
     assert table.loc[k, "silhouette"] == pytest.approx(silhouette_score(latent, truth))
     assert table.loc[k, "spatial_coherence"] == pytest.approx(spatial_coherence(truth, adata.obsm["spatial"]))
+
+
+def test_cluster_domains_takes_the_number_from_labelled_spots_only():
+    adata = spavae.simulate_spatial_counts(n_rows=12, n_cols=12, n_genes=10, n_domains=3, seed=3)
+    codes = adata.obs["ground_truth"].cat.codes.to_numpy()
+    latent = 3.0 * np.eye(3, 4)[codes] + 0.3 * np.random.default_rng(0).normal(size=(adata.n_obs, 4))
+    locations = adata.obsm["spatial"]
+    unlabelled = np.array(["NA"] * (adata.n_obs - 1) + [None], dtype=object)
+    found = cluster_domains(latent, locations, None, truth=unlabelled, k_range=range(2, 5), n_init=2)
+    assert found.chosen_by == "silhouette" and found.n_domains == 3 and found.scores is None
+    assert found.selection is not None and found.refined is None
+    partly = np.where(np.arange(adata.n_obs) % 2 == 0, codes.astype(str), "NA").astype(object)
+    found = cluster_domains(latent, locations, None, refine="hexagon", truth=partly, n_init=2)
+    assert found.chosen_by == "labels" and found.n_domains == 3 and found.selection is None
+    assert set(found.scores) == {"labels", "refined"} and found.scores["labels"]["n_scored"] == (adata.n_obs + 1) // 2
+    assert found.scores["labels"]["ari"] == pytest.approx(1.0)
+    assert cluster_domains(latent, None, 4, n_init=2).chosen_by == "given"
+    with pytest.raises(ValueError, match="need the spot locations"):
+        cluster_domains(latent, None, "auto")
 
 
 def test_choose_n_domains_rejects_a_bad_range():
