@@ -12,7 +12,7 @@ Cases, one JSON line each:
   written tile by tile (512 x 512, uncompressed, pyramid levels 1/4 and 1/16 as SubIFDs) to a temporary
   BigTIFF, then 4,096 spots (a 64 x 64 hexagonal lattice, 55 px across) read from the file by path: in the
   ``capture_area`` layout the spots are 100 px apart in the middle of the slide (a Visium capture area at
-  about 1 um per pixel), in ``spread`` they cover the whole slide (every tile is read). Each measurement runs
+  about 1 um per pixel), in ``spread`` they cover the whole slide (blocks all over it are read). Each measurement runs
   in a fresh Python process: seconds, the peak resident memory of the call (``VmHWM`` of
   ``/proc/self/status``, reset just before it) and its rise over the resident memory before it (imports,
   torch included), and the peak of traced allocations (tracemalloc, in a second, untimed call).
@@ -59,12 +59,14 @@ def dlpfc_case(section: str, repeats: int) -> dict:
             warnings.simplefilter("ignore")
             features = extract_image_features(adata, "lowres", spatial_key="spatial_fullres")
         seconds.append(time.perf_counter() - start)
-    reasons = {r: int((features.reasons == r).sum()) for r in ("off_image", "background") if (features.reasons == r).any()}
+    reasons = {r: int((features.reasons == r).sum()) for r in ("off_image", "background")
+               if (features.reasons == r).any()}
     return {"case": f"dlpfc_{section}", "n_spots": features.n_spots, "n_features": features.n_features,
             "image": "lowres 600x600", "diameter_px": round(features.settings["diameter_px"], 3),
             "seconds": [round(s, 3) for s in seconds], "seconds_median": round(float(np.median(seconds)), 3),
             "n_masked": int((~features.mask).sum()), "fraction_masked": round(float((~features.mask).mean()), 4),
-            "masked_reasons": reasons, "background_colour": [round(c, 3) for c in features.settings["background_colour"]]}
+            "masked_reasons": reasons,
+            "background_colour": [round(c, 3) for c in features.settings["background_colour"]]}
 
 
 def slide_colour(x: np.ndarray, y: np.ndarray, side: int) -> np.ndarray:

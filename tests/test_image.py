@@ -207,7 +207,7 @@ def test_tiled_tiff_reads_equal_in_memory_reads_and_stay_local(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- SpatialData
 def test_spatialdata_image_matches_the_array():
-    pytest.importorskip("spatialdata", reason="the spatialdata extra is not installed (pip install spavae[spatialdata])")
+    pytest.importorskip("spatialdata", reason="the spatialdata extra is not installed: pip install spavae[spatialdata]")
     from spatialdata import SpatialData, get_pyramid_levels
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Scale, Sequence, Translation
