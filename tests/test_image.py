@@ -188,6 +188,8 @@ def test_tiled_tiff_reads_equal_in_memory_reads_and_stay_local(tmp_path):
     with pytest.warns(UserWarning, match="off image"):
         halved = extract_image_features(adata, array_image(image[::2, ::2], 0.5), **options)
     np.testing.assert_allclose(pyramid.values, halved.values, atol=1e-5)
+    with pytest.warns(UserWarning, match="off image"):  # reopens the file at the stored level
+        np.testing.assert_array_equal(pyramid.apply(adata).values, pyramid.values)
 
     striped = tmp_path / "striped.tif"  # uncompressed strips: read through a memory map
     tifffile.imwrite(striped, image, photometric="rgb", rowsperstrip=300)

@@ -104,8 +104,9 @@ class ImageFeatures:
         adata
             The new spots, with coordinates in ``obsm[settings['spatial_key']]``.
         image
-            As in :func:`extract_image_features`; default: the stored image key, obsm key or file path.
-            Give it for in-memory or SpatialData images, or when the file moved.
+            As in :func:`extract_image_features`; default: the stored image key, obsm key or file (at the
+            stored pyramid level and series). Give it for in-memory or SpatialData images, or when the file
+            moved.
         library_id, block_size
             As in :func:`extract_image_features`.
         spot_diameter
@@ -118,6 +119,10 @@ class ImageFeatures:
             if source["kind"] not in ("uns", "obsm", "tiff"):
                 raise ValueError(f"the features came from an image of kind '{source['kind']}' that is not stored; "
                                  "pass the image with image=")
+            if source["kind"] == "tiff":
+                with tiff_image(source["image"], level=source["level"], series=source["series"]) as opened:
+                    return self.apply(adata, opened, library_id=library_id, spot_diameter=spot_diameter,
+                                      block_size=block_size)
             image = source["image"]
         if settings["extractor"] == OBSM_EXTRACTOR and not (isinstance(image, str) and image in adata.obsm):
             raise ValueError(f"these features came from obsm['{settings['source']['image']}'] but adata.obsm has no "
