@@ -193,7 +193,7 @@ def test_views_backed_and_sparse_input_give_the_same_model_inputs(section, tmp_p
     ({"encoder_layers": "64"}, ValueError, r"encoder_layers must be a sequence of integer layer widths"),
     ({"inducing": "kmeans", "n_inducing": 0}, ValueError, r"n_inducing must be an integer >= 1, got 0"),
     ({"inducing": "kmeans", "n_inducing": 31}, ValueError,
-     r"n_inducing must be an integer between 1 and the number of spots of each section \(30\), got 31"),
+     r"n_inducing must be an integer between 1 and the number of spots \(30\), got 31"),
     ({"inducing_steps": 0}, ValueError, r"inducing_steps must be a positive integer, got 0"),
     ({"dtype": "float16"}, ValueError, r"dtype must be one of \['float32', 'float64'\], got 'float16'"),
     ({"n_gp": 0}, ValueError, r"n_gp must be an integer >= 1, got 0"),
