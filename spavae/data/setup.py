@@ -4,7 +4,10 @@
 and keeps everything the model's inputs are computed from (ALGORITHM 1.2-1.5):
 
 * the model's genes and their order (after optional highly-variable-gene selection, :mod:`spavae.data.genes`);
-* the size-factor reference (the median library size of the training spots: ``s_i = n_i / median``);
+* the library genes and the size-factor reference: a spot's library size ``n_i`` is its total count over all the
+  genes of the training data (the whole transcriptome when highly variable genes were selected, so that a spot
+  with no count in the selected genes is an ordinary observation of zeros), and ``s_i = n_i / median`` with the
+  median library size of the training spots;
 * the per-gene mean and SD of ``log1p(counts / s)`` that z-score the encoder input (and those of the proteins);
 * the location frame of each section (:class:`~spavae.data.frame.LocationFrame`) and the section names;
 * the inducing points.
@@ -18,12 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from spavae.data.counts import count_matrix, row_chunks
 from spavae.data.inducing import grid_inducing_points, kmeans_inducing_points, split_inducing
@@ -79,6 +83,8 @@ class DataSetup:
     """Everything the model's inputs are computed from, fitted once on the training data (see the module doc).
 
     Use :meth:`fit` to create one; the attributes are plain arrays and lists (:meth:`to_dict` / :meth:`from_dict`).
+    ``library_genes`` names the genes a spot's library size sums over when they are not the model's genes (all the
+    genes of the training data, when highly variable genes were selected); ``None``: the model's genes.
     """
 
     genes: list[str]
@@ -96,6 +102,7 @@ class DataSetup:
     inducing_points: np.ndarray
     gene_selection: dict | None = None
     protein_background: np.ndarray | None = None
+    library_genes: list[str] | None = None
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -166,7 +173,8 @@ class DataSetup:
                    protein_key=protein_key, n_proteins=0 if proteins is None else proteins.shape[1],
                    binarize=binarize, library_median=library_median, expression_mean=mean, expression_sd=sd,
                    frames=frames, inducing_points=np.vstack(points), gene_selection=selection,
-                   protein_background=background)
+                   protein_background=background,
+                   library_genes=list(adata.var_names) if selection is not None and not binarize else None)
 
     @staticmethod
     def _select_genes(matrix, var_names: pd.Index, n_top_genes, binarize: bool, where: str, batch_key: str | None,
@@ -207,16 +215,30 @@ class DataSetup:
 
     def gene_columns(self, adata: ad.AnnData) -> np.ndarray | None:
         """Positions of the model's genes in ``adata`` (``None`` if they are exactly its genes, in order)."""
-        var_names = pd.Index(adata.var_names)
-        if list(var_names) == self.genes:
-            return None
-        _unique_names(var_names, "gene", "adata.var_names_make_unique()")
-        columns = var_names.get_indexer(self.genes)
-        missing = [g for g, c in zip(self.genes, columns) if c < 0]
-        if missing:
-            raise ValueError(f"adata lacks {len(missing)} of the model's {self.n_genes} genes (e.g. {missing[:5]}); "
-                             "pass data with the genes the model was trained on")
-        return columns
+        return _positions(adata, self.genes, "the model's {n} genes",
+                          "pass data with the genes the model was trained on")
+
+    def library_sizes(self, adata: ad.AnnData) -> np.ndarray:
+        """Library size of each spot of ``adata``: its total count over the library genes, every value checked.
+
+        The library genes are :attr:`library_genes` (the genes of the training data, when highly variable genes
+        were selected) or else the model's genes; extra genes of ``adata`` are ignored. A spot without any count
+        there is refused, except for binarised peaks (which have no size factor).
+        """
+        names = self.genes if self.library_genes is None else self.library_genes
+        columns = _positions(adata, names, "the {n} genes that a spot's library size sums over",
+                             "pass all the genes of the training data, not only the model's genes")
+        where = f"layers['{self.layer}']" if self.layer else "adata.X"
+        totals = np.zeros(adata.n_obs)
+        for start, block in _checked_chunks(count_matrix(adata, self.layer), columns, where, not self.binarize):
+            totals[start:start + block.shape[0]] = np.asarray(block.sum(axis=1)).ravel()
+        empty = totals <= 0
+        if empty.any() and not self.binarize:
+            fix = f"remove them first with `adata = {_filter_hint(self.layer)}`" if len(names) == adata.n_vars \
+                else "remove those spots from adata first"  # else filter_empty would count the other genes too
+            raise ValueError(f"{where}: {int(empty.sum())} spot(s) (e.g. {list(adata.obs_names[empty][:3])}) have "
+                             f"zero total count over the {len(names)} genes of their library size; {fix}")
+        return totals
 
     def section_codes(self, labels) -> np.ndarray | None:
         """Section index of each spot from its section labels (``None`` for a single-section model)."""
@@ -284,22 +306,46 @@ def _safe_sd(sd: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return sd
 
 
-def _expression_statistics(matrix, columns: np.ndarray, binarize: bool, where: str, layer: str | None):
-    """Checks and statistics in two streaming passes: library sizes, then per-gene mean/SD of the encoder input."""
-    n_spots, n_genes = matrix.shape[0], len(columns)
-    totals = np.zeros(n_spots)
-    gene_totals = np.zeros(n_genes)
+def _filter_hint(layer: str | None) -> str:
+    return f"spavae.data.filter_empty(adata, layer='{layer}')" if layer else "spavae.data.filter_empty(adata)"
+
+
+def _positions(adata: ad.AnnData, names: list[str], what: str, fix: str) -> np.ndarray | None:
+    """Positions of the genes ``names`` in ``adata`` (``None`` if they are exactly its genes, in order)."""
+    var_names = pd.Index(adata.var_names)
+    if len(var_names) == len(names) and (var_names == names).all():
+        return None
+    _unique_names(var_names, "gene", "adata.var_names_make_unique()")
+    columns = var_names.get_indexer(names)
+    missing = [g for g, c in zip(names, columns) if c < 0]
+    if missing:
+        raise ValueError(f"adata lacks {len(missing)} of {what.format(n=len(names))} (e.g. {missing[:5]}); {fix}")
+    return columns
+
+
+def _checked_chunks(matrix, columns: np.ndarray | None, where: str,
+                    integer: bool) -> Iterator[tuple[int, sp.csr_matrix]]:
+    """``(start, block)`` over row chunks of the matrix's ``columns`` (``None``: all), each checked to be counts."""
     for start, block in row_chunks(matrix):
-        block = block[:, columns]
-        check_count_block(block, where=where, integer=not binarize, first_row=start)
+        block = block if columns is None else block[:, columns]
+        check_count_block(block, where=where, integer=integer, first_row=start)
+        yield start, block
+
+
+def _expression_statistics(matrix, columns: np.ndarray, binarize: bool, where: str, layer: str | None):
+    """Checks and statistics in two streaming passes: library sizes over all genes, then per-gene mean/SD of the
+    encoder input of the model's genes (``columns``)."""
+    totals = np.zeros(matrix.shape[0])
+    gene_totals = np.zeros(matrix.shape[1])
+    for start, block in _checked_chunks(matrix, None, where, not binarize):
         totals[start:start + block.shape[0]] = np.asarray(block.sum(axis=1)).ravel()
         gene_totals += np.asarray(block.sum(axis=0)).ravel()
-    empty_spots, empty_genes = int((totals <= 0).sum()), int((gene_totals <= 0).sum())
+    empty_spots, empty_genes = int((totals <= 0).sum()), int((gene_totals[columns] <= 0).sum())
     if empty_spots or empty_genes:
-        hint = f"spavae.data.filter_empty(adata, layer='{layer}')" if layer else "spavae.data.filter_empty(adata)"
         raise ValueError(f"{where} has {empty_spots} spot(s) and {empty_genes} gene(s) with zero total count; remove "
-                         f"them first with `adata = {hint}` (it reports what it removes)")
+                         f"them first with `adata = {_filter_hint(layer)}` (it reports what it removes)")
     library_median = float(np.median(totals))
+    n_spots, n_genes = matrix.shape[0], len(columns)
     sums, squares = np.zeros(n_genes), np.zeros(n_genes)
     for start, block in row_chunks(matrix):
         block = block[:, columns].astype(np.float64)
