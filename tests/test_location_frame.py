@@ -136,7 +136,7 @@ NEAR_ISOTROPIC = {
 
 @pytest.mark.parametrize("name", list(NEAR_ISOTROPIC))
 def test_a_near_isotropic_section_keeps_its_input_axes(name):
-    """Principal spreads within a factor 2 (DLPFC: 1.08-1.25, a square or a disk: 1.0): no turn, no mirror."""
+    """Principal variances within a factor 2 (DLPFC 151507, 151510: 1.20, 1.08; square, disk: 1.0): no turn or mirror."""
     locations = NEAR_ISOTROPIC[name]()
     frame = LocationFrame().fit(locations)
     lattice = visium_lattice_matrix() if frame.visium_array else np.eye(2)

@@ -15,7 +15,7 @@ Two rules fit it:
        under :data:`MIN_SKEWNESS` (the section is nearly its own mirror image across it) is signed so that the
        frame does not mirror the input instead, and a longest axis with no sign of its own points along the input
        axis nearest to it: a few spots (or rounding) cannot flip the frame. Below the ratio (a square, a disk, the
-       DLPFC sections at 1.08 to 1.25) the principal axes are too loosely defined to use and the frame keeps the
+       DLPFC sections at 1.08 to 1.26) the principal axes are too loosely defined to use and the frame keeps the
        input axes: there rotation is not removed.
     3. One isotropic scale (the aspect ratio is kept) from the spots' covariance :math:`\Sigma`: the frame gives
        area ``size**2`` to a uniformly covered rectangle with the same second moments, of area
