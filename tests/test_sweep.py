@@ -1,5 +1,6 @@
 """Sweeps on a local Ray with 2 CPUs: run folders, one results table, failures, skipping finished runs, the CLI."""
 
+import ast
 import json
 import math
 import sys
@@ -11,8 +12,9 @@ import pandas as pd
 import pytest
 
 import spavae
+from spavae.analysis.tasks import TaskResult, import_ray, run_tasks
 from spavae.cli import build_parser, grid_option, main
-from spavae.sweep import TaskResult, grid_points, import_ray, run_sweep, run_tasks
+from spavae.sweep import grid_points, run_sweep
 
 CONFIG = {"name": "tiny",
           "model": {"encoder_layers": [16, 8], "decoder_layers": [16], "inducing": "kmeans", "n_inducing": 9},
@@ -148,3 +150,16 @@ def test_missing_ray_gives_the_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ImportError, match=r"pip install spavae\[distributed\]"):
         import_ray()
+
+
+def test_the_analyses_do_not_import_the_sweep_or_experiment_layer():
+    """The arrows point down: spavae.sweep uses the analyses (consensus, the task executor), never the reverse."""
+    layer = {"spavae.sweep", "spavae.experiment", "spavae.cli"}
+    for path in sorted(Path(spavae.__file__).parent.joinpath("analysis").glob("*.py")):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # also the imports inside functions
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        assert not imported & layer, f"{path.name} imports {sorted(imported & layer)}"

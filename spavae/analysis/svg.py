@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from spavae.analysis.tasks import run_tasks
 from spavae.likelihoods import NegativeBinomialObservation
 from spavae.nn import LinearPositiveDecoder
 
@@ -266,7 +267,7 @@ def null_model_scores(adata, init_params: dict, train_kwargs: dict, true_locatio
     ``order``, scored with the true ones (an identity ``order`` trains the observed model the same way).
 
     One permutation of :func:`permutation_null`; a plain function of its arguments, so it runs in this process
-    or as a Ray task (:func:`spavae.sweep.run_tasks`).
+    or as a Ray task (:func:`spavae.analysis.tasks.run_tasks`).
     """
     from spavae.api import SpaVAE
 
@@ -302,9 +303,9 @@ def permutation_null(adata, model, n_permutations: int, *, train_kwargs: dict | 
     train_kwargs
         Training arguments of the null models (default: the model's own).
     use_ray
-        Train the null models as Ray tasks (:func:`spavae.sweep.run_tasks`) instead of one after the other.
+        Train the null models as Ray tasks (:func:`spavae.analysis.tasks.run_tasks`) instead of one after the other.
     address, num_cpus
-        Ray options (see :func:`spavae.sweep.run_tasks`).
+        Ray options (see :func:`spavae.analysis.tasks.run_tasks`).
     threads_per_task
         Torch threads of each null model (and Ray CPUs of each task); ``None``: 1 on Ray, the current setting in
         series. The null scores depend on it slightly (float sums in another order).
@@ -327,8 +328,6 @@ def permutation_null(adata, model, n_permutations: int, *, train_kwargs: dict | 
     tasks = [(order, seed + r + 1) for r, order in enumerate(orders)]
     if not tasks:
         return {statistic: np.zeros((0, len(model.var_names))) for statistic in STATISTICS}
-    from spavae.sweep import run_tasks
-
     if not use_ray:
         results = []
         for r, task in enumerate(tasks):
