@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import adjusted_rand_score
 
 import spavae
 from spavae.analysis.tasks import TaskResult, import_ray, run_tasks
@@ -79,7 +80,7 @@ def test_a_grid_of_two_configs_and_two_seeds_gives_four_run_folders_and_one_tabl
     assert json.loads((out / "results.json").read_text())["runs"][0]["name"] == table["name"].iloc[0]
 
 
-def test_each_seed_group_gets_a_consensus_row(sweep):
+def test_each_seed_group_gets_a_consensus_row_that_rescoring_its_files_reproduces(sweep):
     out, table = sweep
     consensus = table[table["kind"] == "consensus"].set_index("group")
     assert sorted(consensus.index) == ["tiny_model.n_gp=2", "tiny_model.n_gp=3"]
@@ -87,8 +88,18 @@ def test_each_seed_group_gets_a_consensus_row(sweep):
     for group, row in consensus.iterrows():
         seeds = runs[runs["group"] == group]
         assert row["n_runs"] == 2 and row["mean_ari"] == pytest.approx(seeds["all_ari"].mean(), abs=1e-3)
+        domains = [pd.read_csv(Path(run_dir) / "results" / "domains.csv", index_col=0) for run_dir in seeds["run_dir"]]
         labels = pd.read_csv(out / "consensus" / f"{group}.csv", index_col=0)
-        assert len(labels) == 144 and -1 <= row["seed_agreement_ari"] <= 1 and -1 <= row["all_ari"] <= 1
+        assert list(labels.index) == list(domains[0].index) and len(labels) == 144
+        # the files re-scored here, with sklearn, against the simulated truth
+        truth = spavae.simulate_spatial_counts(n_rows=12, n_cols=12, n_genes=40, n_domains=3, seed=1).obs["ground_truth"]
+        np.testing.assert_array_equal(labels["truth"].astype(str), truth.astype(str))
+        assert row["all_ari"] == pytest.approx(adjusted_rand_score(truth, labels["consensus"]), abs=1e-4)
+        assert row["seed_agreement_ari"] == pytest.approx(
+            adjusted_rand_score(domains[0]["domain"], domains[1]["domain"]), abs=1e-4)
+        assert row["n_domains"] == labels["consensus"].nunique()
+        # two seeds: every disagreement is a tie, won by the reference, so the consensus is one of the two runs
+        assert max(adjusted_rand_score(labels["consensus"], d["domain"]) for d in domains) == 1.0
 
 
 def test_running_the_sweep_again_trains_nothing(sweep, files):
