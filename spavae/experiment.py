@@ -382,7 +382,7 @@ def evaluate(run_dir: str | os.PathLike, *, log_config: str | os.PathLike | None
         found = cluster_domains(latent, lattice, ev.n_domains, refine=ev.refine, truth=truth, unlabeled=UNLABELLED,
                                 n_init=ev.kmeans_n_init, seed=config.trainer.seed)
         if found.chosen_by == "silhouette":
-            logger.info("no labelled spots: chose %d domains by the silhouette of KMeans on the latent",
+            logger.info("chose %d domains by the silhouette of KMeans on the latent (no labelled spot)",
                         found.n_domains)
         domains = found.labels
         refined = domains if found.refined is None else found.refined
