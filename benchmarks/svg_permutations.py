@@ -32,6 +32,7 @@ from spavae.analysis.svg import (
     STATISTICS,
     bh_qvalues,
     center_scores,
+    null_input,
     null_model_scores,
     permutation_pvalues,
 )
@@ -42,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a
 from svg import KNOWN_MARKERS
 
 
-def train_one(adata, init_params, train, locations, order, seed) -> dict:
+def train_one(spots, setup, init_params, train, order, seed) -> dict:
     """One model in a worker process: its seconds and every statistic per gene."""
     torch.set_num_threads(1)
     start = time.perf_counter()
-    scores = null_model_scores(adata, init_params, train, locations, order, seed)
+    scores = null_model_scores(spots, setup, init_params, train, order, seed)
     return {"seconds": round(time.perf_counter() - start, 1), **{k: v.tolist() for k, v in scores.items()}}
 
 
@@ -55,7 +56,7 @@ def train_models(adata, model, epochs: int, permutations: int, workers: int, log
     train = VARIANTS["spaLDVAE"]["train"] | {"max_epochs": epochs, "progress": False}
     rng = np.random.default_rng(0)
     orders = [np.arange(adata.n_obs)] + [rng.permutation(adata.n_obs) for _ in range(permutations)]
-    common = (adata, model.init_params, train, model.data.locations.cpu())
+    common = (null_input(adata, model.setup), model.setup, model.init_params, train)
     results: dict[int, dict] = {}
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool, open(log_path, "w") as log:
         futures = {pool.submit(train_one, *common, order, r): r for r, order in enumerate(orders)}

@@ -79,7 +79,7 @@ def svg(args: argparse.Namespace) -> None:
     model.train(**train)
     trained = time.perf_counter() - start
     observed = spatial_scores(model)["spatial_score"]
-    null = permutation_null(adata, model, args.permutations, train_kwargs=train, use_ray=True,
+    null = permutation_null(adata, model, args.permutations, use_ray=True,
                             num_cpus=args.num_cpus, threads_per_task=args.threads_per_task)["spatial_score"]
     table = observed.to_frame()
     table["pvalue"] = permutation_pvalues(*center_scores(observed.to_numpy(), null))

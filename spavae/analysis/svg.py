@@ -4,7 +4,8 @@ With positive latents ``z = exp(log z)`` and decoder ``mean_g = sum_k z_k exp(W_
 splits into a spatial part (the GP factors) and the rest. Two statistics rank the genes
 (:func:`scores_from_factors`): the original's ``spatial_score``, the spatial part's share of the expression, and
 ``spatial_variance``, the spatial part's variation across spots relative to the gene's mean. Retraining on permuted
-locations and scoring with the true locations gives null values and empirical p-values: per gene by default
+locations, with the observed model's data setup and training settings (:func:`null_training`), and scoring with
+the true locations gives null values and empirical p-values: per gene by default
 (:func:`permutation_pvalues`) on values centred per model (:func:`center_scores`), pooled over genes only where
 :func:`pooled_null_uniformity` shows on simulated null genes that the pooled null is uniform; Benjamini-Hochberg
 q-values (:func:`bh_qvalues`) correct for the number of genes. The retrainings run one after the other or as Ray
@@ -13,14 +14,21 @@ tasks (:func:`permutation_null`). docs/sweeps.md has the measured calibration of
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from scipy import stats
 
 from spavae.analysis.tasks import run_tasks
+from spavae.api import SpaVAE
+from spavae.data.counts import CountRows
+from spavae.data.setup import DataSetup, spot_locations
 from spavae.likelihoods import NegativeBinomialObservation
 from spavae.nn import LinearPositiveDecoder
 
@@ -97,7 +105,9 @@ def spatially_variable_genes(adata, model, *, statistic: str = "spatial_score", 
         Number of models retrained with locations permuted across spots (0 = no p-values). Each null model is
         scored with the true locations (:func:`permutation_null`).
     train_kwargs
-        Training arguments of the null models (default: the model's own).
+        The training settings the caller expects the null models to have. The null models are always trained like
+        the model (:func:`null_training`), since p-values against nulls trained otherwise are invalid; the call
+        is refused when a setting given here differs.
     key_added
         Columns ``<key>_score``, ``<key>_rank`` and, with permutations, ``<key>_pvalue`` and ``<key>_qvalue`` in
         ``adata.var``.
@@ -261,24 +271,82 @@ def pooled_null_uniformity(observed, null, null_genes, *, alpha: float = 0.05) -
             "per_gene_ks_pvalue": float(per_gene.pvalue), "pooling_allowed": bool(pooled.pvalue > alpha)}
 
 
-def null_model_scores(adata, init_params: dict, train_kwargs: dict, true_locations: torch.Tensor,
-                      order: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+def null_training(model, train_kwargs: dict | None = None) -> dict:
+    """The training settings of the null models: those the model was trained with (``model.train_params``).
+
+    A permutation p-value compares the observed model's scores with those of models that differ from it only in
+    the pairing of spots and locations, so the null models are trained exactly like it (only without a progress
+    bar). ``train_kwargs``, if given, is checked against those settings, and the call refused when one differs.
+
+    Returns
+    -------
+    Keyword arguments of :meth:`spavae.SpaVAE.train`.
+    """
+    recorded = {key: value for key, value in model.train_params.items() if key != "progress"}
+    if not recorded:
+        raise ValueError("the model records no training settings (model.train_params is empty): train it with "
+                         "model.train() or load it from a file written by SpaVAE.save")
+    differ = [key for key, value in (train_kwargs or {}).items()
+              if key != "progress" and (key not in recorded or value != recorded[key])]
+    if differ:
+        given = ", ".join(f"{key}={train_kwargs[key]!r} (the model: {recorded.get(key, 'no such setting')!r})"
+                          for key in differ)
+        raise ValueError(f"null models must be trained like the observed model, but train_kwargs differ: {given}; "
+                         "leave train_kwargs out to use the model's own settings")
+    return recorded | {"progress": False}
+
+
+def null_input(adata: ad.AnnData, setup: DataSetup) -> ad.AnnData:
+    """What the null models read of ``adata``, and nothing more, as a small in-memory AnnData.
+
+    It holds the counts of the model's genes (CSR, in the model's order; read chunk by chunk from an AnnData
+    opened with ``backed='r'``), the spot names, the true locations and, where the setup uses them, the sections
+    and the proteins. Every null model shares its arrays and replaces only the locations (:func:`null_model_scores`),
+    so no permutation copies ``adata``.
+    """
+    rows = CountRows.from_anndata(adata, setup.layer, setup.gene_columns(adata))
+    counts = sp.vstack([block for _, block in rows.chunks()], format="csr") if rows.on_disk else rows.matrix
+    obs = pd.DataFrame(index=pd.Index(adata.obs_names))
+    if setup.batch_key is not None:
+        obs[setup.batch_key] = adata.obs[setup.batch_key].to_numpy()
+    obsm = {setup.spatial_key: spot_locations(adata, setup.spatial_key)}
+    if setup.protein_key is not None:
+        obsm[setup.protein_key] = adata.obsm[setup.protein_key]
+    layers = {} if setup.layer is None else {setup.layer: counts}
+    return ad.AnnData(None if layers else counts, obs=obs, var=pd.DataFrame(index=pd.Index(setup.genes)), obsm=obsm,
+                      layers=layers)
+
+
+def null_model_scores(spots: ad.AnnData, setup: DataSetup, init_params: dict, train_kwargs: dict, order: np.ndarray,
+                      seed: int) -> dict[str, np.ndarray]:
     """Every gene statistic (:func:`scores_from_factors`) of one null model: trained with the locations permuted by
     ``order``, scored with the true ones (an identity ``order`` trains the observed model the same way).
+
+    Parameters
+    ----------
+    spots
+        The spots with their true locations (:func:`null_input`).
+    setup, init_params
+        The observed model's fitted data setup and settings (``model.setup``, ``model.init_params``).
+    train_kwargs
+        Its training settings (:func:`null_training`).
+    order
+        Spot ``i`` is trained with the location of spot ``order[i]``.
+    seed
+        Seed of the null model.
 
     One permutation of :func:`permutation_null`; a plain function of its arguments, so it runs in this process
     or as a Ray task (:func:`spavae.analysis.tasks.run_tasks`).
     """
-    from spavae.api import SpaVAE
-
-    shuffled = adata.copy()
-    key = init_params["spatial_key"]
-    shuffled.obsm[key] = np.asarray(adata.obsm[key])[order]
-    null = SpaVAE(shuffled, **(init_params | {"seed": seed}))
-    null.train(**(train_kwargs | {"progress": False}))
-    null.data.locations = true_locations.to(null.data.locations.device)  # score with the true locations:
-    null.refresh_gp_posterior()  # q(u) given the null model's encoder outputs at the true locations
-    return scores_from_factors(*factor_expression(null), null.module.n_gp)
+    key = setup.spatial_key
+    permuted = ad.AnnData(spots.X, obs=spots.obs, var=spots.var, layers=dict(spots.layers),
+                          obsm=dict(spots.obsm) | {key: np.asarray(spots.obsm[key])[order]})
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "null.pt"
+        SpaVAE(permuted, setup=setup, **(init_params | {"seed": seed})).train(**train_kwargs).save(path)
+        scored = SpaVAE.load(path, spots)  # the null model's weights on the spots at their true locations
+    scored.refresh_gp_posterior()  # q(u) given its encoder outputs at the true locations
+    return scores_from_factors(*factor_expression(scored), scored.module.n_gp)
 
 
 def permutation_null(adata, model, n_permutations: int, *, train_kwargs: dict | None = None,
@@ -288,9 +356,9 @@ def permutation_null(adata, model, n_permutations: int, *, train_kwargs: dict | 
     """Null spatial scores of ``n_permutations`` models retrained on locations shuffled across spots.
 
     Permutation ``r`` shuffles the spots' locations with the ``r``-th draw of a generator seeded with the
-    model's seed and trains a fresh model with seed ``seed + r + 1``; it is scored with the *true* locations
-    (ALGORITHM 8.1). The permutations are drawn before any training, so the result is the same in series and
-    on Ray.
+    model's seed and trains a fresh model with seed ``seed + r + 1``, the model's data setup and its training
+    settings (:func:`null_training`); it is scored with the *true* locations (ALGORITHM 8.1). The permutations are
+    drawn before any training, so the result is the same in series and on Ray.
 
     Parameters
     ----------
@@ -301,7 +369,8 @@ def permutation_null(adata, model, n_permutations: int, *, train_kwargs: dict | 
     n_permutations
         Number of null models (each a full training).
     train_kwargs
-        Training arguments of the null models (default: the model's own).
+        The training settings the caller expects the null models to have; refused when one differs from the
+        model's own (:func:`null_training`).
     use_ray
         Train the null models as Ray tasks (:func:`spavae.analysis.tasks.run_tasks`) instead of one after the other.
     address, num_cpus
@@ -317,17 +386,17 @@ def permutation_null(adata, model, n_permutations: int, *, train_kwargs: dict | 
     For every statistic of :func:`scores_from_factors`, its ``n_permutations x n_genes`` null values (genes in the
     model's order).
     """
-    model.check_same_spots(adata)  # the null models reuse the model's scaled locations spot by spot
+    model.check_same_spots(adata)
     if n_permutations < 0:
         raise ValueError(f"n_permutations must be >= 0, got {n_permutations}")
+    train = null_training(model, train_kwargs)
     seed = model.init_params["seed"]
     rng = np.random.default_rng(seed)
     orders = [rng.permutation(adata.n_obs) for _ in range(n_permutations)]
-    train = dict(train_kwargs if train_kwargs is not None else model.train_params)
-    common = (adata, model.init_params, train, model.data.locations.cpu())
     tasks = [(order, seed + r + 1) for r, order in enumerate(orders)]
     if not tasks:
         return {statistic: np.zeros((0, len(model.var_names))) for statistic in STATISTICS}
+    common = (null_input(adata, model.setup), model.setup, model.init_params, train)
     if not use_ray:
         results = []
         for r, task in enumerate(tasks):
