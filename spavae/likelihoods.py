@@ -245,14 +245,14 @@ class NegativeBinomialObservation(Observation):
         """NB of a spot's counts (event shape ``[G]``) given the normalised mean.
 
         ``observed``: the counts it will score. The batch's ``gene_nonzero`` positions (those of its gene block,
-        ``row * width + column``) spare the NB a search only when ``observed`` is the batch's whole count tensor:
-        from column 0 and as wide. Any other block (part of the genes, columns from elsewhere, the genes of a batch
-        that also holds proteins) has other flat positions, which are then searched.
+        ``row * gene_width + column``) spare the NB a search only when ``observed`` is exactly that block: from
+        column 0, ``gene_width`` wide, every row. Any other block (part of the genes, columns from elsewhere, genes
+        and proteins together) has other flat positions, which are then searched.
         """
         mean = normalized_mean * batch.size_factors.unsqueeze(-1) if self.use_size_factors else normalized_mean
-        whole_counts = (observed is not None and batch.gene_nonzero is not None and self.columns.start in (0, None)
-                        and observed.shape == batch.counts.shape)
-        observed_nonzero = (observed, batch.gene_nonzero) if whole_counts else None
+        gene_block = (observed is not None and batch.gene_nonzero is not None and self.columns.start in (0, None)
+                      and observed.shape == (batch.counts.shape[0], batch.gene_width))
+        observed_nonzero = (observed, batch.gene_nonzero) if gene_block else None
         return GeneNegativeBinomial(mean, self.theta(batch.covariates).to(mean.dtype), observed_nonzero).to_event(1)
 
     def model(self, z: torch.Tensor, batch) -> None:

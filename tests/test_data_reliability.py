@@ -107,8 +107,6 @@ def test_a_spot_without_any_count_is_still_refused_with_the_filter_empty_advice(
     DataSetup.fit(kept, n_top_genes=20)  # the advice works
 
 
-@pytest.mark.xfail(strict=True, reason="SpotData (spavae/data/spots.py) still sums library sizes over the model's "
-                   "genes; it must take them from DataSetup.library_sizes(adata)")
 def test_a_model_trains_on_spots_without_selected_counts_and_keeps_its_library_sizes(tmp_path):
     adata, only_flat = _transcriptome()
     model = spavae.SpaVAE(adata, n_top_genes=20, **TINY).train(max_epochs=2, progress=False)

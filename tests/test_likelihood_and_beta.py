@@ -107,18 +107,21 @@ def _nonzero_positions(counts: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.repeat(np.arange(counts.shape[0]), np.diff(rows.indptr)) * counts.shape[1] + rows.indices)
 
 
-@pytest.mark.parametrize("layout", ["whole block", "partial block", "block elsewhere", "proteins"])
+@pytest.mark.parametrize("layout", ["whole block", "partial block", "block elsewhere", "proteins",
+                                    "genes and proteins"])
 def test_nb_observation_takes_the_batch_positions_only_for_the_tensor_it_scores(layout):
     """The batch's gene_nonzero positions are those of its gene block: they spare the search when an NB observation
     scores that whole block, and an observation that scores a part of it (columns [0, 3) of 6), a block starting
-    elsewhere (columns [3, 6)) or the genes of a batch with proteins (counts = 6 genes + 2 proteins) searches. Either
-    way, the log-probabilities and gradients are those of the searching path."""
+    elsewhere (columns [3, 6)) or genes and proteins read as one block searches; the genes of a batch with proteins
+    (counts = 6 genes + 2 proteins) are the gene block and take them. Either way, the log-probabilities and
+    gradients are those of the searching path."""
     generator = torch.Generator().manual_seed(3)
     genes = torch.poisson(torch.rand(5, 6, dtype=torch.float64, generator=generator) * 3, generator=generator)
     genes[0, :3], genes[1, 3:] = 0.0, 0.0  # spots whose only nonzero counts lie outside one of the blocks
-    columns = {"partial block": slice(0, 3), "block elsewhere": slice(3, 6)}.get(layout, slice(0, 6))
+    columns = {"partial block": slice(0, 3), "block elsewhere": slice(3, 6),
+               "genes and proteins": slice(0, 8)}.get(layout, slice(0, 6))
     counts = genes
-    if layout == "proteins":
+    if layout in ("proteins", "genes and proteins"):
         counts = torch.cat([genes, torch.poisson(torch.full((5, 2), 20.0, dtype=torch.float64), generator=generator)], 1)
     observation = NegativeBinomialObservation(columns.stop - columns.start, 2, columns=columns).double()
     mean = (torch.rand(5, columns.stop - columns.start, dtype=torch.float64, generator=generator) * 4 + 0.1)
@@ -126,11 +129,11 @@ def test_nb_observation_takes_the_batch_positions_only_for_the_tensor_it_scores(
     size_factors = torch.rand(5, dtype=torch.float64, generator=generator) + 0.5
     values, grads = [], []
     for positions in (_nonzero_positions(genes), None):  # the batch's positions, then the search
-        batch = Batch(None, None, counts, size_factors, gene_nonzero=positions)
+        batch = Batch(None, None, counts, size_factors, gene_nonzero=positions, gene_width=6)
         observed = observation.observed(batch)
         distribution = observation.distribution(mean, batch, observed)
         takes_positions = distribution.base_dist.observed_nonzero is not None
-        assert takes_positions == (positions is not None and layout == "whole block")
+        assert takes_positions == (positions is not None and layout in ("whole block", "proteins"))
         log_prob = distribution.log_prob(observed)
         values.append(log_prob.detach())
         grads.append(torch.autograd.grad(log_prob.sum(), (mean, observation.raw_dispersion)))

@@ -12,7 +12,9 @@ class Batch:
     """One mini-batch: encoder input, GP locations, raw counts, size factors and one-hot sections.
 
     ``gene_nonzero`` optionally holds the flat positions (``row * n_genes + column``) of the nonzero gene counts,
-    known from the sparse rows the batch was built from; the NB log-probability then needs no search for them.
+    known from the sparse rows the batch was built from, and ``gene_width`` the number of gene columns ``n_genes``
+    they count in (the count tensor may hold proteins after them); the NB log-probability of exactly that gene block
+    then needs no search for them.
     """
 
     expression: torch.Tensor
@@ -21,6 +23,7 @@ class Batch:
     size_factors: torch.Tensor | None
     covariates: torch.Tensor | None = None
     gene_nonzero: torch.Tensor | None = None
+    gene_width: int | None = None
 
     def args(self) -> tuple:
         """Positional arguments of ``model``/``guide``."""

@@ -16,7 +16,6 @@ import torch
 
 from spavae.data.batch import Batch
 from spavae.data.counts import CountRows
-from spavae.data.preprocess import check_count_block
 from spavae.data.setup import DataSetup, protein_matrix, spot_locations
 
 
@@ -44,7 +43,7 @@ class SpotData:
         if not self.obs_names.is_unique:
             raise ValueError("adata has duplicated spot names; make them unique first (adata.obs_names_make_unique())")
         self.counts = CountRows.from_anndata(adata, setup.layer, setup.gene_columns(adata))
-        totals = self._library_sizes()
+        totals = setup.library_sizes(adata)
         if setup.batch_key is not None and setup.batch_key not in adata.obs:
             raise KeyError(f"adata.obs has no column '{setup.batch_key}' with the section of each spot (the model "
                            f"was fitted on the sections {setup.sections})")
@@ -63,18 +62,6 @@ class SpotData:
         self.proteins = None if proteins is None else proteins.astype(np.float32)
         self._mean = torch.as_tensor(setup.expression_mean, dtype=dtype, device=device)
         self._sd = torch.as_tensor(setup.expression_sd, dtype=dtype, device=device)
-
-    def _library_sizes(self) -> np.ndarray:
-        """Total count of each spot over the model's genes, checking every value on the way."""
-        where = f"layers['{self.setup.layer}']" if self.setup.layer else "adata.X"
-        totals = np.zeros(self.counts.shape[0])
-        for start, block in self.counts.chunks():
-            check_count_block(block, where=where, integer=not self.setup.binarize, first_row=start)
-            totals[start:start + block.shape[0]] = np.asarray(block.sum(axis=1)).ravel()
-        if not self.setup.binarize and (totals <= 0).any():
-            raise ValueError(f"{where}: {int((totals <= 0).sum())} spot(s) have zero total count over the model's "
-                             "genes; remove them first with `adata = spavae.data.filter_empty(adata)`")
-        return totals
 
     def __len__(self) -> int:
         return self.counts.shape[0]
@@ -117,7 +104,8 @@ class SpotData:
             expression = torch.cat([expression, (torch.log1p(proteins) - self._mean[n:]) / self._sd[n:]], dim=1)
             counts = torch.cat([counts, proteins], dim=1)
         covariates = None if self.covariates is None else self.covariates[on_device]
-        return Batch(expression, self.locations[on_device], counts, factors, covariates, nonzero)
+        return Batch(expression, self.locations[on_device], counts, factors, covariates, nonzero,
+                     sparse.shape[1])
 
     def gene_counts(self, positions: np.ndarray) -> np.ndarray:
         """Raw counts of a few model genes (by position) for every spot, ``N x len(positions)``, read in chunks."""
