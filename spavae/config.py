@@ -114,8 +114,9 @@ class ModelConfig:
     learn_inducing: bool = _opt(False, "train the inducing locations (fixed in the original)")
     loc_range: float = _opt(20.0, "size of the location frame: a square section spans [0, loc_range]^2", _positive)
     location_frame: Literal["aligned", "minmax"] = _opt(
-        "aligned", "aligned: principal axes, aspect kept, bounding-box area loc_range^2 (unit and orientation "
-                   "free); minmax: each axis scaled to [0, loc_range] (the original)")
+        "aligned", "aligned: principal axes where their variances differ 2-fold or more (else the input axes), "
+                   "aspect kept, isotropic scale from the covariance (tissue area loc_range^2; unit free); minmax: "
+                   "each axis scaled to [0, loc_range] (the original)")
     gp_n_obs: Literal["all", "train"] = _opt("all", "N of the N/b GP rescaling: all spots (original) or the "
                                                     "training split")
     dtype: Literal["float32", "float64"] = _opt("float32", "dtype of the networks (the GP algebra is float64)")
