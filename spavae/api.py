@@ -72,8 +72,9 @@ class SpaVAE:
     batch_key
         ``obs`` column naming the section of each spot, for several sections in one model (spaVAE_Batch):
         coordinates are scaled per section, the GP kernel is zero across sections (:class:`~spavae.gp.SectionKernel`),
-        inducing points are replicated per section, the one-hot section is fed to encoder and decoder, and the NB
-        dispersion is per gene and section.
+        every section has inducing points of its own (a grid over each section, or a share of one k-means budget:
+        see ``n_inducing``), the one-hot section is fed to encoder and decoder, and the NB dispersion is per gene
+        and section. Highly variable genes are then ranked within each section (``n_top_genes``).
     protein_key
         ``obsm`` key of spots x proteins counts, modelled with the NB mixture of spaMultiVAE next to the genes.
     likelihood
@@ -81,17 +82,26 @@ class SpaVAE:
     n_top_genes
         Keep this many highly variable genes (count-based Seurat v3, :func:`spavae.data.genes.highly_variable_genes`);
         ``'auto'`` keeps 2,000 when the input has more than 6,000 genes (whole transcriptomes) and every gene
-        otherwise (targeted panels, the preselected DLPFC genes); ``None`` keeps every gene.
+        otherwise (targeted panels, the preselected DLPFC genes); ``None`` keeps every gene. With ``batch_key`` the
+        genes are ranked within each section and the ranks combined, as scanpy's ``seurat_v3`` with ``batch_key``.
+        When genes are selected, a spot's library size (the numerator of its size factor) still sums all the genes of
+        ``adata`` (:meth:`DataSetup.library_sizes <spavae.data.setup.DataSetup.library_sizes>`).
     loc_range, location_frame
         How spot coordinates become GP inputs, per section (:class:`~spavae.data.frame.LocationFrame`).
-        ``'aligned'`` (default): Visium array indices are put on their hexagonal lattice, the spots are turned onto
-        their principal axes and scaled isotropically so that their bounding box has area ``loc_range**2``
-        (a square section gets ``[0, 20]^2``): the same frame whatever the units, orientation, mirroring or spot
-        pitch. ``'minmax'``: the original's per-axis min-max scaling to ``[0, loc_range]``.
+        ``'aligned'`` (default): Visium array indices are put on their hexagonal lattice; where the variances along
+        the spots' principal axes differ by a factor 2 or more the spots are turned onto those axes, else they keep
+        the input axes; one isotropic scale from the spots' covariance gives the tissue an area of
+        ``loc_range**2`` (a square section gets ``[0, 20]^2``). So the frame does not depend on the units or the
+        spot pitch (docs/model.md, Location frame). ``'minmax'``: the original's per-axis min-max scaling to
+        ``[0, loc_range]``.
     inducing, inducing_steps, n_inducing
-        ``'grid'``: ``(inducing_steps + 1)**2`` points (steps 6 = 49 points); ``'kmeans'``: ``n_inducing``
-        centroids of the scaled locations; ``'auto'``: the grid up to 20,000 spots, else ``n_spots / 500``
-        k-means centroids (49 to 300) that follow the tissue (:func:`spavae.data.setup.auto_inducing`).
+        ``'grid'``: ``(inducing_steps + 1)**2`` points (steps 6 = 49 points), one grid per section; ``'kmeans'``:
+        ``n_inducing`` centroids of the scaled locations (default 49); ``'auto'``: the grid up to 20,000 spots, else
+        ``n_spots / 500`` k-means centroids (49 to 300) that follow the tissue
+        (:func:`spavae.data.setup.auto_inducing`). With several sections the k-means count (``n_inducing``, or the
+        ``'auto'`` count from all the spots) is the **total** over the sections, shared in proportion to their
+        spots (:func:`spavae.data.inducing.split_inducing`): at least one point per section when ``n_inducing`` is
+        given (it is then kept exactly), at least 4 (or the section's distinct locations) when the model chooses.
     gp_n_obs
         ``N`` in the ``N/b`` rescaling: ``'all'`` spots (the original) or only the ``'train'`` split.
     dtype
@@ -337,8 +347,11 @@ class SpaVAE:
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     def refresh_gp_posterior(self, batch_size: int | None = None) -> None:
-        """Recompute the kept q(u) from the model's current spots and weights (done at the end of :meth:`train`;
-        needed only after replacing ``model.data``, as the permutation null of the SVG test does)."""
+        """Recompute the kept q(u) from the model's current spots and weights (done at the end of :meth:`train`).
+
+        A model from :meth:`load` keeps the q(u) saved with it, given its training spots; this conditions it on the
+        spots it was loaded with instead. The permutation null of the SVG test does so after loading a null model's
+        weights onto the spots at their true locations (:func:`~spavae.analysis.svg.permutation_null`)."""
         self._gp_posterior = self._full_data_posterior(batch_size)
 
     @torch.no_grad()
