@@ -322,6 +322,9 @@ def null_model_scores(spots: ad.AnnData, setup: DataSetup, init_params: dict, tr
     """Every gene statistic (:func:`scores_from_factors`) of one null model: trained with the locations permuted by
     ``order``, scored with the true ones (an identity ``order`` trains the observed model the same way).
 
+    One permutation of :func:`permutation_null`; a plain function of its arguments, so it runs in this process
+    or as a Ray task (:func:`spavae.analysis.tasks.run_tasks`).
+
     Parameters
     ----------
     spots
@@ -334,9 +337,6 @@ def null_model_scores(spots: ad.AnnData, setup: DataSetup, init_params: dict, tr
         Spot ``i`` is trained with the location of spot ``order[i]``.
     seed
         Seed of the null model.
-
-    One permutation of :func:`permutation_null`; a plain function of its arguments, so it runs in this process
-    or as a Ray task (:func:`spavae.analysis.tasks.run_tasks`).
     """
     key = setup.spatial_key
     permuted = ad.AnnData(spots.X, obs=spots.obs, var=spots.var, layers=dict(spots.layers),
