@@ -42,10 +42,12 @@ def test_batch_model_scales_per_section_and_conditions_on_sections():
     adata.obsm["spatial"][adata.obs["section"] == "section1"] *= 3.0  # another coordinate frame
     model = spavae.SpaVAE(adata, batch_key="section", device="cpu", inducing_steps=3)
     locations = model.data.locations.numpy()
-    for b in range(2):  # each section in its own frame: from 0, bounding-box area 20^2, whatever its units
-        rows = locations[:, 2 + b] == 1
-        np.testing.assert_allclose(locations[rows, :2].min(0), 0, atol=1e-12)
-        assert locations[rows, :2].max(0).prod() == pytest.approx(400.0)
+    frames = [locations[locations[:, 2 + b] == 1, :2] for b in range(2)]
+    for b, scaled in enumerate(frames):  # each section in its own frame, from 0 and spanning its extent
+        np.testing.assert_allclose(scaled.min(0), 0, atol=1e-12)
+        np.testing.assert_allclose(scaled.max(0), model.setup.frames[b].extent, rtol=1e-9)
+    # the same lattice in units 3 times larger gets the same GP inputs: the frame is free of units
+    np.testing.assert_allclose(frames[1], frames[0], atol=1e-9)
     assert model.module.gp.variational_strategy.inducing_points.shape[1] == 4
     assert model.module.observations[0].raw_dispersion.shape == (2, 40)
     assert model.module.encoder.trunk[0].in_features == 40 + 2
