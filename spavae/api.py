@@ -580,19 +580,30 @@ class SpaVAE:
                                len(self.obs_names), len(self.var_names),
                                f" and {self.setup.n_proteins} proteins" if self.setup.n_proteins else "")
         if denoise:
-            denoised = self.get_denoised_counts(n_samples=n_samples)
-            columns = self.setup.gene_columns(adata)
-            if columns is None:
-                adata.layers[f"{key_added}_denoised"] = denoised
-            elif len(columns) == adata.n_vars:  # the model's genes in another order: adata's order
-                adata.layers[f"{key_added}_denoised"] = denoised[:, np.argsort(columns)]
-            else:
-                adata.obsm[f"{key_added}_denoised"] = denoised
-                info["denoised_genes"] = list(self.var_names)
+            genes = self.store_denoised(adata, self.get_denoised_counts(n_samples=n_samples), f"{key_added}_denoised")
+            if genes is not None:
+                info["denoised_genes"] = genes
             if len(self.module.observations) > 1:
                 adata.obsm[f"{key_added}_denoised_proteins"] = self.get_denoised_counts(n_samples=n_samples,
                                                                                         modality="proteins")
         adata.uns[key_added] = info
+
+    def store_denoised(self, adata: ad.AnnData, denoised: np.ndarray, key: str) -> list[str] | None:
+        """Put ``denoised`` (spots x the model's genes) into ``adata`` without values for genes the model never saw.
+
+        When ``adata``'s genes are the model's (in any order) it becomes ``layers[key]`` in ``adata``'s gene order
+        and ``None`` is returned; otherwise it goes to ``obsm[key]`` in the model's gene order, and the model's gene
+        names (that order) are returned for the caller to record in ``uns``.
+        """
+        columns = self.setup.gene_columns(adata)
+        if columns is None:
+            adata.layers[key] = denoised
+        elif len(columns) == adata.n_vars:  # the model's genes in another order: adata's order
+            adata.layers[key] = denoised[:, np.argsort(columns)]
+        else:
+            adata.obsm[key] = denoised
+            return list(self.var_names)
+        return None
 
     def summary(self) -> dict:
         """Model and training parameters, versions and fitted kernel scale (JSON/h5ad friendly)."""

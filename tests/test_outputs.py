@@ -147,3 +147,14 @@ def test_write_results_checks_the_size_limit_on_what_it_writes(gene_subset_model
         model.write_results(skipped, n_samples=2)
     assert "spavae_denoised" not in skipped.obsm and "spavae_denoised" not in skipped.layers
     assert f"not writing the denoised counts: {adata.n_obs} spots x 20 genes" in caplog.text
+
+
+def test_denoise_gives_genes_outside_the_model_no_values(gene_subset_model):
+    from spavae.analysis import denoise
+
+    adata, model = gene_subset_model
+    adata = adata.copy()
+    denoise(adata, model, n_samples=2)  # a shape error before: the layer held only the model's 20 genes
+    assert "spavae_denoised" not in adata.layers
+    assert adata.uns["spavae_denoised"]["denoised_genes"] == list(model.var_names)
+    np.testing.assert_array_equal(adata.obsm["spavae_denoised"], model.get_denoised_counts(n_samples=2))

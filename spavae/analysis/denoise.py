@@ -92,10 +92,14 @@ def denoise(adata: ad.AnnData, model: SpaVAE, *, n_samples: int = 25, library_si
             copy: bool = False) -> ad.AnnData | None:
     """Write denoised expression (the posterior mean of the decoder mean) to ``adata.layers[key_added]``.
 
+    When ``adata`` has genes the model never saw, the values of the model's genes go to ``adata.obsm[key_added]``
+    instead, with the gene names in ``adata.uns[key_added]['denoised_genes']`` (see
+    :meth:`~spavae.SpaVAE.store_denoised`): no gene gets values the model did not predict.
+
     Parameters
     ----------
     adata
-        The AnnData the model was trained on (same spots and genes, same order).
+        The AnnData the model was trained on (same spots, same order; it may hold more genes).
     model
         A trained :class:`~spavae.SpaVAE`.
     n_samples
@@ -121,8 +125,9 @@ def denoise(adata: ad.AnnData, model: SpaVAE, *, n_samples: int = 25, library_si
     check_same_spots(adata, model)
     adata = adata.copy() if copy else adata
     _check_library_size(library_size)
-    adata.layers[key_added] = model.get_denoised_counts(n_samples=n_samples, library_size=library_size, mode=mode,
-                                                        batch_size=batch_size, seed=seed)
+    denoised = model.get_denoised_counts(n_samples=n_samples, library_size=library_size, mode=mode,
+                                         batch_size=batch_size, seed=seed)
+    genes = model.store_denoised(adata, denoised, key_added)
     adata.uns[key_added] = {"params": {"n_samples": n_samples, "library_size": library_size, "mode": mode,
-                                       "seed": seed}}
+                                       "seed": seed}} | ({} if genes is None else {"denoised_genes": genes})
     return adata if copy else None
