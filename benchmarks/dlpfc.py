@@ -44,12 +44,13 @@ from spavae.data.genes import highly_variable_genes
 
 
 def baseline_ari(adata, n_domains: int, lattice: np.ndarray, seed: int = 0) -> float:
-    """PCA (10 components, on 2,000 highly variable genes when there are more) averaged over each spot and its 6
-    spatial neighbours, then KMeans."""
+    """PCA (10 components, on 2,000 highly variable genes when there are more; size factors from all genes) averaged
+    over each spot and its 6 spatial neighbours, then KMeans."""
     counts = adata.X
+    factors = size_factors(counts)  # library sizes over all genes: a spot may have none of the selected genes
     if adata.n_vars > 2000:
         counts = counts[:, highly_variable_genes(counts, 2000)["highly_variable"].to_numpy()]
-    expression = normalize_log_scale(counts, size_factors(counts))
+    expression = normalize_log_scale(counts, factors)
     pcs = PCA(10, random_state=seed).fit_transform(expression)
     _, neighbours = cKDTree(lattice).query(lattice, k=7)
     labels = cluster_kmeans(pcs[neighbours].mean(1), n_domains, seed=seed)
