@@ -2,10 +2,6 @@
 
 __version__ = "0.2.0"
 
-from spavae.runtime import prefer_passive_wait  # noqa: E402  (before torch is imported: OpenMP reads it once)
-
-prefer_passive_wait()
-
 from spavae.api import SpaVAE  # noqa: E402
 from spavae.data import read, read_h5ad, read_spavae_h5, simulate_spatial_counts  # noqa: E402
 

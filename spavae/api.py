@@ -22,7 +22,6 @@ from spavae.data.batch import Batch
 from spavae.data.setup import DataSetup
 from spavae.data.spots import SpotData
 from spavae.likelihoods import NegativeBinomialObservation
-from spavae.runtime import settle_threads
 from spavae.train import Trainer, auto_batch_size
 from spavae.utils import atomic_path, check_number, check_output_file, resolve_device, resolve_dtype, seeded
 
@@ -282,12 +281,6 @@ class SpaVAE:
             check_number("kl_target", kl_target, low=0, inclusive=False)
         if resume is not None and not (isinstance(resume, dict) and {"module", "split", "state"} <= set(resume)):
             raise ValueError("resume must be a Trainer.state_dict() (the 'trainer' entry of a checkpoint-epoch*.pth)")
-        if self.device.type == "cpu":
-            threads = settle_threads()  # only when torch was imported before spavae with spinning OpenMP threads
-            if threads is not None:
-                logger.info("torch was imported before spavae (OpenMP threads spin while they wait): a probe chose "
-                            "%d CPU thread(s); set OMP_WAIT_POLICY=PASSIVE before importing torch to keep them all "
-                            "safely", threads)
         # the dropout masks and latent draws depend on the seed alone; the caller's generators are untouched
         with seeded(self.init_params["seed"], self.device):
             controller = (PIController(kl_target * self.module.n_latent, beta_init=beta, beta_min=beta_min,

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import spavae  # first, as a user's script would: torch's OpenMP then starts with spavae's passive wait policy
+import pyro
+import pytest
+import torch
 
-import pyro  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import spavae
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dlpfc"
 DLPFC_FILES = {name: SHARED / f"sample_{name}.h5" for name in ("151507", "151510")}
