@@ -1,7 +1,7 @@
 """The development panel: spavae's defaults against a smoothed-PCA baseline on every kind of section we have.
 
 Usage: python benchmarks/panel.py [--seeds 3] [--threads T] [--cases NAME ...] [--panel DIR] [--dlpfc DIR]
-       [--set KEY=VALUE ...] [--init KEY=VALUE ...] [--summarize FILE.jsonl]
+       [--set KEY=VALUE ...] [--init KEY=VALUE ...] [--latents DIR] [--summarize FILE.jsonl]
 
 Cases (``--cases`` picks some by name, ``--list`` prints them):
 
@@ -22,6 +22,8 @@ a refusal is recorded as a line with ``error`` instead of stopping the panel.
 Prints one JSON line per case and seed, then one summary line per case (``"summary": true``: spavae mean and SD,
 baseline mean, difference, seconds, how often the chosen k is within 1 of the reference), then a Markdown table.
 ``--summarize FILE`` prints the summary lines and table of an earlier run's per-seed lines without training.
+``--latents DIR`` also saves each run's latent, labels and coordinates (``DIR/<case>_seed<seed>.npz``), so that
+criteria on the latent (e.g. the number of domains) can be compared without training again.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def load_case(kind: str, argument, seed: int) -> tuple[ad.AnnData, np.ndarray]:
     return panel_section(argument) if kind == "panel" else dlpfc_section(argument)
 
 
-def run_case(name: str, kind: str, argument, seed: int, model_options: dict, train_options: dict) -> dict:
+def run_case(name: str, kind: str, argument, seed: int, model_options: dict, train_options: dict,
+             latents: Path | None = None) -> dict:
     adata, lattice = load_case(kind, argument, seed)
     truth = adata.obs["ground_truth"].astype(str)
     n_domains = int(truth[truth != "NA"].nunique())
@@ -92,6 +95,10 @@ def run_case(name: str, kind: str, argument, seed: int, model_options: dict, tra
         return row
     seconds = time.perf_counter() - start
     latent = model.get_latent_representation()
+    if latents is not None:
+        latents.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(latents / f"{name}_seed{seed}.npz", latent=latent, lattice=lattice,
+                            truth=truth.to_numpy().astype(str), obs_names=np.asarray(adata.obs_names, dtype=str))
     scores = score_clustering(truth, cluster_kmeans(latent, n_domains, seed=seed))
     chosen, _ = choose_n_domains(latent, lattice, seed=seed)
     own = score_clustering(truth, cluster_kmeans(latent, chosen, seed=seed))
@@ -152,6 +159,7 @@ def main() -> None:
                         help="SpaVAE.train option, VALUE read as JSON (repeatable)")
     parser.add_argument("--init", action="append", default=[], metavar="KEY=VALUE",
                         help="SpaVAE model option, VALUE read as JSON (repeatable)")
+    parser.add_argument("--latents", type=Path, help="folder to save each run's latent, labels and coordinates")
     parser.add_argument("--summarize", type=Path, help="summarise the per-seed lines of an earlier run's output")
     args = parser.parse_args()
     if args.summarize:
@@ -175,7 +183,7 @@ def main() -> None:
     for name in args.cases or names:
         kind, argument = names[name]
         for seed in range(args.seeds):
-            row = run_case(name, kind, argument, seed, model_options, train_options)
+            row = run_case(name, kind, argument, seed, model_options, train_options, args.latents)
             row |= {"threads": args.threads, "spavae": spavae.__version__}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -21,6 +21,7 @@ from spavae.builder import GP_DTYPE, build_module
 from spavae.data.batch import Batch
 from spavae.data.setup import DataSetup
 from spavae.data.spots import SpotData
+from spavae.image.features import fit_image_features
 from spavae.likelihoods import NegativeBinomialObservation
 from spavae.train import Trainer, auto_batch_size
 from spavae.utils import atomic_path, check_number, check_output_file, resolve_device, resolve_dtype, seeded
@@ -76,6 +77,19 @@ class SpaVAE:
         and section. Highly variable genes are then ranked within each section (``n_top_genes``).
     protein_key
         ``obsm`` key of spots x proteins counts, modelled with the NB mixture of spaMultiVAE next to the genes.
+    image
+        The tissue image as a second view of the same latent (``None``: no image view). Per-spot image features
+        (:mod:`spavae.image`) are appended to the encoder input and decoded from the latent with a Gaussian
+        likelihood weighted by ``image_weight`` (:class:`~spavae.likelihoods.ImageFeatureObservation`); spots
+        whose patch is off the image or on background are left out of that likelihood. ``'auto'`` (the hires
+        image of ``uns['spatial']``, else lowres), ``'hires'``, ``'lowres'``, the path of a full-resolution
+        (OME-)TIFF, a key of ``obsm`` with features computed elsewhere, an :class:`~spavae.image.ImageSource`, or an
+        :class:`~spavae.image.ImageFeatures` from :func:`~spavae.image.extract_image_features` (to choose its
+        options). Image coordinates are ``obsm['spatial_fullres']`` when present, else ``obsm[spatial_key]``
+        (:func:`~spavae.image.fit_image_features`). The extractor settings and the features' mean and SD are
+        kept in the data setup and the model file, so :meth:`load` and every analysis compute the features of
+        new spots the same way (from the stored image key, ``obsm`` key or file; when ``setup`` is given,
+        ``image`` only says where the image is, for a source that cannot be stored).
     likelihood
         ``'nb'`` for counts or ``'bernoulli'`` for binarised peaks (spaPeakVAE; the matrix is binarised).
     n_top_genes
@@ -120,7 +134,7 @@ class SpaVAE:
         (``'mlp'``/``'linear'``), ``protein_layers``, ``latent_distribution``, ``learn_gauss_prior``,
         ``dispersion``, ``kernel`` (``'cauchy'``, ``'eq'``, ``'matern12/32/52'`` or any GPyTorch kernel),
         ``kernel_scale``, ``fix_kernel_scale``, ``per_dimension_kernel``, ``per_section_kernel``,
-        ``variational`` (``'closed_form'``/``'learned'``), ``learn_inducing``, ``dropout``.
+        ``variational`` (``'closed_form'``/``'learned'``), ``learn_inducing``, ``dropout``, ``image_weight``.
     """
 
     def __init__(
@@ -131,6 +145,7 @@ class SpaVAE:
         spatial_key: str = "spatial",
         batch_key: str | None = None,
         protein_key: str | None = None,
+        image=None,
         likelihood: str = "nb",
         n_top_genes: int | str | None = "auto",
         loc_range: float = 20.0,
@@ -151,17 +166,21 @@ class SpaVAE:
                             f"{sorted(MODULE_DEFAULTS)}")
         module_options = MODULE_DEFAULTS | module_options
         self.init_params = {k: v for k, v in locals().items()
-                            if k not in ("self", "adata", "setup", "module_options", "unknown", "__class__")
+                            if k not in ("self", "adata", "image", "setup", "module_options", "unknown", "__class__")
                             } | module_options
         if gp_n_obs not in ("all", "train"):
             raise ValueError(f"gp_n_obs must be one of ['all', 'train'], got {gp_n_obs!r}")
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        image_features = None if image is None or setup is not None else \
+            fit_image_features(adata, image, spatial_key=spatial_key)
         with seeded(seed, self.device):  # the weights depend on the seed alone; the caller's generators are untouched
             self.setup = setup if setup is not None else DataSetup.fit(
                 adata, layer=layer, spatial_key=spatial_key, batch_key=batch_key, protein_key=protein_key,
                 likelihood=likelihood, n_top_genes=n_top_genes, loc_range=loc_range, location_frame=location_frame,
-                inducing=inducing, inducing_steps=inducing_steps, n_inducing=n_inducing, seed=seed)
-            self.data = SpotData(adata, self.setup, device=self.device, dtype=self.dtype, gp_dtype=GP_DTYPE)
+                inducing=inducing, inducing_steps=inducing_steps, n_inducing=n_inducing, seed=seed,
+                image_features=image_features)
+            self.data = SpotData(adata, self.setup, device=self.device, dtype=self.dtype, gp_dtype=GP_DTYPE,
+                                 image=image if image_features is None else image_features)
             self.module = build_module(self.setup, n_obs=len(self.data), dtype=self.dtype, **module_options)
             self.module.to(self.device)
         self.history: pd.DataFrame = pd.DataFrame()
@@ -417,6 +436,16 @@ class SpaVAE:
             raise KeyError(f"gene(s) {missing[:5]} are not among the model's {len(self.var_names)} genes")
         return positions
 
+    def _observation_index(self, modality: str) -> int:
+        """Position of a modality's observation model: ``'genes'`` (or peaks), ``'proteins'``, ``'image'``."""
+        sites = {"genes": ("counts", "peaks"), "proteins": ("proteins",), "image": ("image",)}
+        for index, observation in enumerate(self.module.observations):
+            if observation.site in sites.get(modality, ()):
+                return index
+        available = [name for name, names in sites.items()
+                     if any(o.site in names for o in self.module.observations)]
+        raise ValueError(f"modality must be one of this model's {available}; got {modality!r}")
+
     @torch.no_grad()
     def iter_denoised(self, *, n_samples: int = 25, library_size: str = "observed", mode: str = "full",
                       batch_size: int | None = None, modality: str = "genes", genes: Sequence[str] | None = None,
@@ -431,11 +460,9 @@ class SpaVAE:
             raise ValueError(f"library_size must be 'observed' or 'normalized', got {library_size!r}")
         if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
             raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
-        observation = {"genes": 0, "proteins": 1}.get(modality)
-        if observation is None or observation >= len(self.module.observations):
-            raise ValueError(f"modality must be 'genes' or, for a model with proteins, 'proteins'; got {modality!r}")
+        observation = self._observation_index(modality)
         if genes is not None and modality != "genes":
-            raise ValueError("genes= selects model genes; it cannot be used with modality='proteins'")
+            raise ValueError(f"genes= selects model genes; it cannot be used with modality={modality!r}")
         self._gene_positions(genes)  # unknown genes fail before any work
         spots = self._spots(adata)
         batch_size = self._batch_size(batch_size, spots)
@@ -491,7 +518,8 @@ class SpaVAE:
             As in :meth:`latent_posterior`.
         modality
             ``'genes'`` (or peaks: the probabilities ``h`` of spaPeakVAE, without spot and peak factors; always on
-            the normalised scale) or ``'proteins'`` (foreground counts ``(1 - pi~)(1 + alpha) v`` of spaMultiVAE).
+            the normalised scale), ``'proteins'`` (foreground counts ``(1 - pi~)(1 + alpha) v`` of spaMultiVAE) or
+            ``'image'`` (the decoded image features of a model with the image view, standardised).
         genes
             Only these genes (columns in this order): ``n_obs x len(genes)`` in memory. For every gene of a large
             section, stream to disk with :meth:`write_denoised` instead.
@@ -613,6 +641,11 @@ class SpaVAE:
                "kernel_scale": self.module.gp.kernel_scale, "n_epochs": int(len(self.history))}
         if self.setup.gene_selection:
             out["gene_selection"] = dict(self.setup.gene_selection)
+        if self.setup.image is not None:
+            settings = self.setup.image["settings"]
+            out["image"] = {"features": list(self.setup.image["names"]), "extractor": settings["extractor"],
+                            "source": {k: str(v) for k, v in settings["source"].items()},
+                            "weight": float(self.init_params["image_weight"])}
         if "beta" in self.history:
             out["final_beta"] = float(self.history["beta"].iloc[-1])
         return {k: v for k, v in out.items() if v is not None}
@@ -633,8 +666,13 @@ class SpaVAE:
             torch.save(payload, tmp)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, adata: ad.AnnData, *, device: str | torch.device | None = None) -> SpaVAE:
+    def load(cls, path: str | os.PathLike, adata: ad.AnnData, *, device: str | torch.device | None = None,
+             image=None) -> SpaVAE:
         """Load a model saved with :meth:`save` and apply it to the spots of ``adata``.
+
+        A model with the image view computes ``adata``'s image features with its stored extractor settings and
+        standardisation, from the stored image key, ``obsm`` key or file, or from ``image`` (an image source, e.g.
+        the slide's new path, or :class:`~spavae.image.ImageFeatures` made with the model's state).
 
         ``adata`` needs the model's genes (any order; extra genes are ignored) and coordinates; for a
         multi-section model, the section column. It is prepared with the **saved** data setup (genes,
@@ -668,7 +706,7 @@ class SpaVAE:
         params = dict(payload["init_params"])
         if device is not None:
             params["device"] = device
-        model = cls(adata, setup=DataSetup.from_dict(payload["setup"]), **params)
+        model = cls(adata, setup=DataSetup.from_dict(payload["setup"]), image=image, **params)
         model.module.load_state_dict(payload["state_dict"])
         model.train_params, model.is_trained = payload["train_params"], payload["is_trained"]
         model.history = pd.DataFrame(payload["history"])

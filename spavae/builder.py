@@ -14,9 +14,12 @@ from gpytorch.kernels import Kernel
 
 from spavae.data.setup import DataSetup
 from spavae.gp import SectionKernel, SpatialGP, make_kernel
-from spavae.likelihoods import BernoulliObservation, NegativeBinomialObservation, ProteinMixtureObservation
+from spavae.likelihoods import (
+    BernoulliObservation, ImageFeatureObservation, NegativeBinomialObservation, ProteinMixtureObservation,
+)
 from spavae.model import SpaVAEModule
 from spavae.nn import ConvEncoder
+from spavae.utils import check_number
 
 #: dtype of the GP algebra (kernel matrices, Cholesky factors, inducing points), whatever the network dtype.
 GP_DTYPE = torch.float64
@@ -46,6 +49,7 @@ def build_module(
     variational: str = "closed_form",
     learn_inducing: bool = False,
     dropout: float = 0.0,
+    image_weight: float = 1.0,
     n_obs: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> SpaVAEModule:
@@ -79,6 +83,10 @@ def build_module(
         Train the inducing locations (fixed in the original).
     dropout
         Dropout rate of the networks.
+    image_weight
+        With the image view (a setup with image features): the weight of the image features' Gaussian
+        log-likelihood relative to the counts' (:class:`~spavae.likelihoods.ImageFeatureObservation`; 1: each
+        feature of a spot counts like one more observed value). Their decoder has the widths of ``decoder_layers``.
     n_obs
         ``N`` of the ``N/b`` rescaling of the GP posterior.
     dtype
@@ -117,7 +125,12 @@ def build_module(
         prior_mean, prior_log_sd = (torch.as_tensor(v, dtype=torch.float32) for v in setup.protein_background)
         observations.append(ProteinMixtureObservation(
             setup.n_proteins, n_latent, tuple(protein_layers), n_batch=n_batch, prior_mean=prior_mean,
-            prior_log_sd=prior_log_sd, dropout=dropout, columns=slice(setup.n_genes, setup.n_input)))
+            prior_log_sd=prior_log_sd, dropout=dropout, columns=slice(setup.n_genes, setup.n_genes + setup.n_proteins)))
+    if setup.n_image_features:
+        check_number("image_weight", image_weight, low=0, inclusive=False)
+        observations.append(ImageFeatureObservation(
+            setup.n_image_features, n_latent, tuple(decoder_layers), n_batch=n_batch, weight=image_weight,
+            dropout=dropout, columns=slice(setup.n_genes + setup.n_proteins, setup.n_input)))
     custom_encoder = ConvEncoder(setup.n_input + n_batch, n_latent, tuple(encoder_layers), dropout=dropout) \
         if encoder == "conv" else None
     module = SpaVAEModule(setup.n_input, gp, n_gauss, n_obs or 1, observations,

@@ -9,6 +9,8 @@ local latent variables of its own, to the guide):
 * :class:`BernoulliObservation`: binarised ATAC peaks, ``p = sigmoid(l_i) * h(z) * sigmoid(b_j)`` (spaPeakVAE).
 * :class:`ProteinMixtureObservation`: surface proteins, a two-component NB mixture with a log-normal background
   (spaMultiVAE).
+* :class:`ImageFeatureObservation`: standardised per-spot image features (:mod:`spavae.image`), Gaussian with a
+  learned scale per feature and a weight relative to the counts; spots without usable features are masked out.
 
 The negative binomial is written in Pyro/torch's ``total_count``/``logits`` form: with mean :math:`\mu` and inverse
 dispersion :math:`\theta`, ``total_count = theta`` and ``logits = log(mu) - log(theta)`` give mean :math:`\mu` and
@@ -23,6 +25,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro import poutine
 from pyro.distributions import constraints
 from torch import nn
 
@@ -372,6 +375,65 @@ class ProteinMixtureObservation(Observation):
     def background_probability(self, z: torch.Tensor, batch) -> torch.Tensor:
         """:math:`\\sigma(\\pi)`, the probability that a count is background."""
         return torch.sigmoid(self.heads(z, batch)["logit"])
+
+
+class ImageFeatureObservation(Observation):
+    r"""Standardised image features ~ Normal(:math:`\mu(z)`, :math:`\sigma`), weighted by ``weight`` (the image view).
+
+    :math:`\mu = \mathrm{MLP}(z)` and one learned scale :math:`\sigma_f = e^{s_f}` per feature (initially 1, the
+    features' SD after standardisation). The log-likelihood enters the ELBO multiplied by ``weight``
+    (``poutine.scale``): 1 counts each feature of a spot like one more observed value next to its gene counts.
+    The observed values are this modality's columns of ``batch.counts``; a spot whose features are NaN there (no
+    usable patch: off the image or on the background) is masked out of the likelihood.
+
+    Parameters
+    ----------
+    n_features
+        Number of image features.
+    n_latent
+        Latent dimension feeding the decoder.
+    layers
+        Hidden widths of the decoder MLP.
+    n_batch
+        Number of sections (their one-hot vector is appended to the decoder input).
+    weight
+        Weight of the image log-likelihood in the ELBO (> 0).
+    dropout
+        Dropout rate of the decoder.
+    columns
+        The columns of ``batch.counts`` holding the features.
+    """
+
+    site = "image"
+
+    def __init__(self, n_features: int, n_latent: int, layers: Sequence[int] = (128,), *, n_batch: int = 0,
+                 weight: float = 1.0, dropout: float = 0.0, columns: slice | None = None):
+        super().__init__(columns if columns is not None else slice(0, n_features))
+        if not weight > 0:
+            raise ValueError(f"the image weight must be > 0, got {weight}")
+        self.weight = float(weight)
+        width_in = n_latent + n_batch
+        self.trunk = build_mlp([width_in, *layers], dropout=dropout)
+        self.head = nn.Linear(layers[-1] if layers else width_in, n_features)
+        self.log_scale = nn.Parameter(torch.zeros(n_features))
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """Learned SD of each standardised feature."""
+        return torch.exp(self.log_scale.clamp(-7.0, 7.0))
+
+    def denoise(self, z: torch.Tensor, batch) -> torch.Tensor:
+        """Decoded feature means (standardised scale)."""
+        return self.head(self.trunk(_conditioned(z, batch.covariates)))
+
+    def model(self, z: torch.Tensor, batch) -> None:
+        normal = dist.Normal(self.denoise(z, batch), self.scale.to(z.dtype)).to_event(1)
+        observed = self.observed(batch)
+        if observed is not None:
+            usable = torch.isfinite(observed).all(dim=-1)
+            normal, observed = normal.mask(usable), torch.where(usable[:, None], observed, torch.zeros_like(observed))
+        with poutine.scale(scale=self.weight):
+            pyro.sample(self.site, normal, obs=observed)
 
 
 def background_prior_from_counts(protein_counts, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

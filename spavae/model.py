@@ -8,8 +8,8 @@ locations, the other ``n_gauss`` a standard-normal prior.
   :math:`N(\tilde\omega, \tilde\phi^2)`.
 * ``model``: standard-normal (or learnable Gaussian) prior on :math:`z^N` (its KL weighted by ``beta`` with
   ``poutine.scale``) and the likelihood of every observation model (:mod:`spavae.likelihoods`: NB genes,
-  Bernoulli peaks, NB-mixture proteins) given the decoder(s). With ``latent_distribution='lognormal'``
-  (spaLDVAE) the decoders see :math:`\exp(z)`.
+  Bernoulli peaks, NB-mixture proteins, Gaussian image features) given the decoder(s). With
+  ``latent_distribution='lognormal'`` (spaLDVAE) the decoders see :math:`\exp(z)`.
 
 The GP site ``z_gp`` is masked out of Pyro's ELBO in both functions (as GPyTorch's own ``pyro_model`` does):
 its KL is the hand-written Pearce cross-entropy term :math:`\beta (C - E_b)`, which :meth:`SpaVAEModule.loss`
@@ -334,8 +334,9 @@ class SpaVAEModule(nn.Module):
             for name, site in model_trace.nodes.items():
                 if site["type"] != "sample" or site_is_subsample(site):
                     continue
-                if site["is_observed"]:
-                    reconstruction = reconstruction - site["fn"].log_prob(site["value"]).sum() / num_samples
+                if site["is_observed"]:  # scaled as Pyro's ELBO scales it (the image view's weight)
+                    log_likelihood = site["fn"].log_prob(site["value"]).sum() * site["scale"]
+                    reconstruction = reconstruction - log_likelihood / num_samples
                 elif name not in (GP_SITE, GAUSS_SITE):
                     kl = kl_divergence(guide_trace.nodes[name]["fn"], site["fn"])
                     kl_other = kl_other + kl.sum() / num_samples

@@ -1,4 +1,4 @@
-"""Plots: spatial domains next to the ground truth, and training curves."""
+"""Plots: spatial domains next to the ground truth or over the tissue image, and training curves."""
 
 from __future__ import annotations
 
@@ -37,6 +37,45 @@ def plot_spatial_domains(locations: np.ndarray, domains, path: str | os.PathLike
     size = max(2.0, 12000.0 / len(locations))
     for ax, (labels, name) in zip(axes[0], panels):
         _scatter(ax, locations, labels, name, size)
+    _save(fig, path, dpi=120)
+
+
+def plot_domains_on_image(image: np.ndarray, pixels: np.ndarray, domains, path: str | os.PathLike, *,
+                          spot_diameter_px: float | None = None, title: str = "spavae domains") -> None:
+    """Save a PNG of the tissue image beside the same image with the spots coloured by domain.
+
+    Parameters
+    ----------
+    image
+        RGB(A) image (floats in [0, 1] or unsigned integers), e.g. ``uns['spatial'][library]['images']['lowres']``.
+    pixels
+        ``n x 2`` spot positions (x, y) in the image's pixels (full-resolution positions times its scale factor).
+    domains
+        Domain of each spot.
+    path
+        Where to write the PNG.
+    spot_diameter_px
+        Spot diameter in the image's pixels (sets the marker size; default from the spot spacing).
+    title
+        Title of the right panel.
+    """
+    pixels = np.asarray(pixels, dtype=float)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax in axes:
+        ax.imshow(image)
+        ax.set_xticks([]), ax.set_yticks([])
+    axes[0].set_title("tissue image")
+    left, right = pixels.min(0), pixels.max(0)
+    margin = 0.05 * (right - left).max()
+    for ax in axes:
+        ax.set_xlim(left[0] - margin, right[0] + margin)
+        ax.set_ylim(right[1] + margin, left[1] - margin)
+    # marker area in points^2 from the spot's diameter in pixels at the axes' scale
+    width_px = (right - left).max() + 2 * margin
+    diameter = spot_diameter_px or 0.6 * np.sqrt((right - left).prod() / max(len(pixels), 1))
+    points = diameter / width_px * axes[1].get_position().width * fig.get_size_inches()[0] * 72
+    _scatter(axes[1], pixels, domains, title, max(1.0, points ** 2))
+    axes[1].invert_yaxis()  # _scatter flips y; the image axes are already flipped
     _save(fig, path, dpi=120)
 
 

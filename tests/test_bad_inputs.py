@@ -369,7 +369,7 @@ def test_denoising_and_latent_arguments_are_checked(trained, section):
         (ValueError, r"n_samples must be an integer >= 1, got 0", {"n_samples": 0}),
         (ValueError, r"batch_size must be a positive integer, got 0", {"batch_size": 0}),
         (ValueError, r"mode must be 'full' or 'chunked', got 'exact'", {"mode": "exact"}),
-        (ValueError, r"modality must be 'genes' or, for a model with proteins, 'proteins'", {"modality": "proteins"}),
+        (ValueError, r"modality must be one of this model's \['genes'\]; got 'proteins'", {"modality": "proteins"}),
     ]
     for error, match, options in cases:
         with pytest.raises(error, match=match):

@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -18,11 +19,11 @@ from spavae.cli.domains import add_n_domains_options, describe_choice, unscored_
 from spavae.cli.outputs import Outputs
 from spavae.data import filter_empty, read, simulate_spatial_counts
 from spavae.data.readers import LABEL_KEY, UNLABELLED
-from spavae.plot import plot_spatial_domains, plot_training_curves
+from spavae.plot import plot_domains_on_image, plot_spatial_domains, plot_training_curves
 
 #: Every file ``spavae run`` writes: a folder that holds one of them holds an earlier run.
-RUN_FILES = ("results.h5ad", "latent.csv", "n_domains_selection.csv", "domains.png", "training.png", "model.pt",
-             "metrics.json")
+RUN_FILES = ("results.h5ad", "latent.csv", "n_domains_selection.csv", "domains.png", "domains_on_image.png",
+             "training.png", "model.pt", "metrics.json")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "obs['spavae_domain_refined'] with their colours in uns, denoised counts of the "
                                      "model's genes as SpaVAE.write_results writes them), latent.csv, domains.png, "
                                      "training.png, model.pt, metrics.json (with the number of domains and how it was "
-                                     "chosen) and, when it was chosen by the silhouette, n_domains_selection.csv. An "
+                                     "chosen), domains_on_image.png when the input has a tissue image and, when the "
+                                     "number of domains was chosen by the silhouette, n_domains_selection.csv. An "
                                      "--out folder that holds the outputs of an earlier run is refused unless "
                                      "--overwrite is given.")
     run.add_argument("input", nargs="?", help="a Space Ranger Visium or Visium HD folder, a Xenium folder, a "
@@ -48,6 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--spatial-key", default="spatial", help=".h5ad only: obsm key of the coordinates")
     run.add_argument("--label-key", help=".h5ad only: obs column with ground-truth labels for scoring")
     add_n_domains_options(run)
+    run.add_argument("--image", help="use the tissue image as a second view of the latent: 'auto' (hires, else "
+                                     "lowres), 'hires' or 'lowres' (a Space Ranger folder's images), the path of a "
+                                     "full-resolution (OME-)TIFF of the same slide, or an .h5ad's obsm key of "
+                                     "per-spot features (docs/image.md); omitted: the counts alone")
+    run.add_argument("--image-weight", type=float, default=1.0,
+                     help="with --image: weight of the image features' likelihood relative to the counts'")
     run.add_argument("--epochs", type=int, default=400, help="maximum training epochs")
     run.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate")
     run.add_argument("--patience", type=int, default=50, help="early-stopping patience (epochs)")
@@ -88,7 +96,9 @@ def run_command(args: argparse.Namespace) -> dict:
     print(f"spavae {__version__}: {adata.n_obs} spots x {adata.n_vars} genes from {source}", flush=True)
     start = time.perf_counter()
     model = SpaVAE(adata, kernel=args.kernel, inducing_steps=args.inducing_steps, dtype=args.dtype,
-                   device=args.device, seed=args.seed)
+                   device=args.device, seed=args.seed, image=args.image, image_weight=args.image_weight)
+    if args.image is not None:
+        print(describe_image_view(model), flush=True)
     model.train(max_epochs=args.epochs, lr=args.lr, patience=args.patience, progress=not args.quiet)
     seconds = time.perf_counter() - start
     model.write_results(adata)
@@ -100,6 +110,9 @@ def run_command(args: argparse.Namespace) -> dict:
     metrics = {"input": source, "n_spots": adata.n_obs, "n_genes": adata.n_vars, "n_domains": domains.n_domains,
                "n_domains_chosen_by": domains.chosen_by, "epochs": int(len(model.history)),
                "train_seconds": round(seconds, 2)}
+    if args.image is not None:
+        metrics["image"] = model.summary()["image"] | {
+            "spots_without_features": int(np.isnan(model.data.image_features).any(1).sum())}
     if domains.scores is not None:
         for suffix, name in (("", "labels"), ("_refined", "refined")):
             metrics[f"ari{suffix}"] = round(domains.scores[name]["ari"], 4)
@@ -112,6 +125,11 @@ def run_command(args: argparse.Namespace) -> dict:
         written.csv("n_domains_selection.csv", domains.selection)
     written.figure("domains.png", plot_spatial_domains, adata.obsm["spatial"], domains.labels,
                    truth=adata.obs[LABEL_KEY] if domains.scores is not None else None)
+    tissue = tissue_image(adata)
+    if tissue is not None:
+        image, pixels, diameter = tissue
+        written.figure("domains_on_image.png", plot_domains_on_image, image, pixels, domains.refined,
+                       spot_diameter_px=diameter, title="spavae domains (refined)")
     written.figure("training.png", plot_training_curves, model.history)
     written.model("model.pt", model)
     written.json("metrics.json", metrics)
@@ -119,3 +137,31 @@ def run_command(args: argparse.Namespace) -> dict:
     print(json.dumps(metrics), flush=True)
     written.report()
     return metrics
+
+
+def describe_image_view(model: SpaVAE) -> str:
+    """One line on the image view: the features, their source and the spots without usable ones."""
+    image = model.summary()["image"]
+    missing = int(np.isnan(model.data.image_features).any(1).sum())
+    source = ", ".join(f"{k}={v}" for k, v in image["source"].items())
+    return (f"image view: {len(image['features'])} {image['extractor']} features per spot from {source}, weight "
+            f"{image['weight']:g}; {missing} of {len(model.obs_names)} spots without usable features (off the image "
+            "or on background) are left out of the image likelihood")
+
+
+def tissue_image(adata) -> tuple[np.ndarray, np.ndarray, float | None] | None:
+    """``(image, spot pixels in it, spot diameter in its pixels)`` of the lowest-resolution Space Ranger image of
+    ``adata`` (``uns['spatial']``), or ``None`` when it has none."""
+    libraries = adata.uns.get("spatial")
+    if not isinstance(libraries, dict) or len(libraries) != 1:
+        return None
+    library = next(iter(libraries.values()))
+    images, factors = library.get("images") or {}, library.get("scalefactors") or {}
+    key = next((k for k in ("lowres", "hires") if k in images and f"tissue_{k}_scalef" in factors), None)
+    coordinates = "spatial_fullres" if "spatial_fullres" in adata.obsm else "spatial"
+    if key is None or coordinates not in adata.obsm:
+        return None
+    scale = float(factors[f"tissue_{key}_scalef"])
+    diameter = factors.get("spot_diameter_fullres")
+    return (np.asarray(images[key]), np.asarray(adata.obsm[coordinates], dtype=float)[:, :2] * scale,
+            None if diameter is None else float(diameter) * scale)

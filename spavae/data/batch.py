@@ -11,6 +11,9 @@ import torch
 class Batch:
     """One mini-batch: encoder input, GP locations, raw counts, size factors and one-hot sections.
 
+    ``counts`` holds every observed value, one block of columns per observation model: the gene counts, then the
+    protein counts and the standardised image features (NaN for a spot without usable ones) when the model has them.
+
     ``gene_nonzero`` optionally holds the flat positions (``row * n_genes + column``) of the nonzero gene counts,
     known from the sparse rows the batch was built from, and ``gene_width`` the number of gene columns ``n_genes``
     they count in (the count tensor may hold proteins after them); the NB log-probability of exactly that gene block

@@ -10,7 +10,8 @@ and keeps everything the model's inputs are computed from (ALGORITHM 1.2-1.5):
   median library size of the training spots;
 * the per-gene mean and SD of ``log1p(counts / s)`` that z-score the encoder input (and those of the proteins);
 * the location frame of each section (:class:`~spavae.data.frame.LocationFrame`) and the section names;
-* the inducing points.
+* the inducing points;
+* with the image view, how the per-spot image features are computed and standardised (:mod:`spavae.image`).
 
 The setup is saved in the model file and applied unchanged by ``load``, prediction, denoising and every analysis,
 so a spot's inputs never depend on which other spots came with it. :meth:`DataSetup.spots` turns any AnnData with
@@ -23,6 +24,7 @@ import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
@@ -34,6 +36,9 @@ from spavae.data.inducing import grid_inducing_points, kmeans_inducing_points, s
 from spavae.data.frame import FRAMES, LocationFrame
 from spavae.data.preprocess import check_count_block, check_locations
 from spavae.utils import check_number
+
+if TYPE_CHECKING:
+    from spavae.image.features import ImageFeatures
 
 logger = logging.getLogger("spavae")
 
@@ -85,6 +90,9 @@ class DataSetup:
     Use :meth:`fit` to create one; the attributes are plain arrays and lists (:meth:`to_dict` / :meth:`from_dict`).
     ``library_genes`` names the genes a spot's library size sums over when they are not the model's genes (all the
     genes of the training data, when highly variable genes were selected); ``None``: the model's genes.
+    ``image`` is the fitted state of the image view (:meth:`ImageFeatures.fitted_state
+    <spavae.image.ImageFeatures.fitted_state>`: feature names, standardisation, extractor settings and image source),
+    or ``None`` for a model without one.
     """
 
     genes: list[str]
@@ -103,6 +111,7 @@ class DataSetup:
     gene_selection: dict | None = None
     protein_background: np.ndarray | None = None
     library_genes: list[str] | None = None
+    image: dict | None = None
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -110,8 +119,12 @@ class DataSetup:
             batch_key: str | None = None, protein_key: str | None = None, likelihood: str = "nb",
             n_top_genes: int | str | None = "auto", loc_range: float = 20.0, location_frame: str = "aligned",
             inducing: str = "auto", inducing_steps: int = 6, n_inducing: int | None = None,
-            seed: int = 0) -> DataSetup:
+            seed: int = 0, image_features: ImageFeatures | None = None) -> DataSetup:
         """Fit the setup on the training AnnData (see :class:`~spavae.SpaVAE` for the parameters).
+
+        ``image_features`` (of ``adata``'s spots, :func:`spavae.image.fit_image_features`) adds the image view: the
+        setup keeps their :meth:`~spavae.image.ImageFeatures.fitted_state`, so that the same features are computed,
+        the same way, for any spots the model is later applied to.
 
         Raises a one-line error naming the problem and its fix for anything the model cannot use: missing keys,
         duplicated names, too few spots or genes, non-count values, empty spots or genes, NaN locations.
@@ -174,7 +187,8 @@ class DataSetup:
                    binarize=binarize, library_median=library_median, expression_mean=mean, expression_sd=sd,
                    frames=frames, inducing_points=np.vstack(points), gene_selection=selection,
                    protein_background=background,
-                   library_genes=list(adata.var_names) if selection is not None and not binarize else None)
+                   library_genes=list(adata.var_names) if selection is not None and not binarize else None,
+                   image=None if image_features is None else image_features.fitted_state())
 
     @staticmethod
     def _select_genes(matrix, var_names: pd.Index, n_top_genes, binarize: bool, where: str, batch_key: str | None,
@@ -204,9 +218,14 @@ class DataSetup:
         return len(self.genes)
 
     @property
+    def n_image_features(self) -> int:
+        """Number of image features (0 without the image view)."""
+        return 0 if self.image is None else len(self.image["names"])
+
+    @property
     def n_input(self) -> int:
-        """Width of the encoder input without section covariates (genes + proteins)."""
-        return self.n_genes + self.n_proteins
+        """Width of the encoder input without section covariates (genes + proteins + image features)."""
+        return self.n_genes + self.n_proteins + self.n_image_features
 
     @property
     def n_sections(self) -> int:

@@ -17,6 +17,7 @@ import torch
 from spavae.data.batch import Batch
 from spavae.data.counts import CountRows
 from spavae.data.setup import DataSetup, protein_matrix, spot_locations
+from spavae.image.features import image_features_for
 
 
 class SpotData:
@@ -32,10 +33,19 @@ class SpotData:
         The fitted setup.
     device, dtype
         Device and network dtype of the tensors; GP inputs are kept in ``gp_dtype``.
+    image
+        For a setup with the image view: where the spots' image features come from
+        (:func:`spavae.image.image_features_for`; ``None``: the image source stored in the setup).
+
+    Attributes
+    ----------
+    image_features
+        ``n x F`` float32 standardised image features (NaN for spots without usable ones), ``None`` without the
+        image view. A batch appends them to the encoder input (0 where NaN) and to the observed values.
     """
 
     def __init__(self, adata: ad.AnnData, setup: DataSetup, *, device: torch.device, dtype: torch.dtype,
-                 gp_dtype: torch.dtype = torch.float64):
+                 gp_dtype: torch.dtype = torch.float64, image=None):
         if not isinstance(adata, ad.AnnData):
             raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}")
         self.setup, self.device, self.dtype = setup, device, dtype
@@ -60,6 +70,12 @@ class SpotData:
             raise ValueError(f"obsm['{setup.protein_key}'] has {proteins.shape[1]} proteins; the model has "
                              f"{setup.n_proteins}")
         self.proteins = None if proteins is None else proteins.astype(np.float32)
+        self.image_features = None
+        if setup.image is not None:
+            features = image_features_for(setup.image, adata, image)
+            self.image_features = np.where(features.mask[:, None], features.values, np.nan).astype(np.float32)
+        elif image is not None:
+            raise ValueError("image= was given but the model has no image view; fit one with SpaVAE(adata, image=...)")
         self._mean = torch.as_tensor(setup.expression_mean, dtype=dtype, device=device)
         self._sd = torch.as_tensor(setup.expression_sd, dtype=dtype, device=device)
 
@@ -103,6 +119,10 @@ class SpotData:
             n = self.setup.n_genes
             expression = torch.cat([expression, (torch.log1p(proteins) - self._mean[n:]) / self._sd[n:]], dim=1)
             counts = torch.cat([counts, proteins], dim=1)
+        if self.image_features is not None:
+            features = self._to_device(self.image_features[rows])
+            expression = torch.cat([expression, torch.nan_to_num(features)], dim=1)
+            counts = torch.cat([counts, features], dim=1)
         covariates = None if self.covariates is None else self.covariates[on_device]
         return Batch(expression, self.locations[on_device], counts, factors, covariates, nonzero,
                      sparse.shape[1])

@@ -26,6 +26,9 @@ from spavae.image.sources import ImageSource, spatial_library, tiff_image, uns_i
 OBSM_EXTRACTOR = "obsm"
 REASONS = ("off_image", "background", "missing")
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs")
+#: ``obsm`` key of full-resolution pixel positions that a model's image view prefers (written by
+#: :func:`~spavae.image.add_spaceranger_image` beside the model's own coordinates).
+IMAGE_SPATIAL_KEY = "spatial_fullres"
 
 
 @dataclass(eq=False)
@@ -151,6 +154,21 @@ class ImageFeatures:
                 "obs_names": [str(n) for n in self.obs_names], "mean": [float(v) for v in self.mean],
                 "scale": [float(v) for v in self.scale], "settings": dict(self.settings)}
 
+    def fitted_state(self) -> dict:
+        """What computing these features for other spots needs, without any per-spot value: the feature names,
+        ``mean``, ``scale`` and ``settings`` (what a model's data setup stores); :meth:`from_fitted_state` inverts
+        it."""
+        return {"names": list(self.names), "mean": [float(v) for v in self.mean],
+                "scale": [float(v) for v in self.scale], "settings": dict(self.settings)}
+
+    @classmethod
+    def from_fitted_state(cls, state: dict) -> ImageFeatures:
+        """Features of no spot with a stored :meth:`fitted_state`; :meth:`apply` then computes those of new spots."""
+        names = list(state["names"])
+        return cls.from_dict({"values": np.zeros((0, len(names)), dtype=np.float32), "names": names, "mask": [],
+                              "reasons": [], "obs_names": [], "mean": state["mean"], "scale": state["scale"],
+                              "settings": state["settings"]})
+
     @classmethod
     def from_dict(cls, values: dict) -> ImageFeatures:
         """Inverse of :meth:`to_dict`."""
@@ -244,6 +262,38 @@ def extract_image_features(
     return _standardised(raw, reasons, mean, scale, names, adata.obs_names, settings)
 
 
+def fit_image_features(adata: ad.AnnData, image, *, spatial_key: str = "spatial") -> ImageFeatures:
+    """The image features a model's image view is fitted on (``SpaVAE(adata, image=...)``).
+
+    ``image`` is an :class:`ImageFeatures` of ``adata``'s spots (taken in ``adata``'s spot order: choose any
+    extractor option with :func:`extract_image_features` first), or anything :func:`extract_image_features` takes,
+    extracted with its defaults from the spots' image coordinates: ``obsm['spatial_fullres']`` when ``adata`` has it
+    (as :func:`~spavae.image.add_spaceranger_image` writes it), else ``obsm[spatial_key]``.
+    """
+    if isinstance(image, ImageFeatures):
+        return image.select(adata.obs_names)
+    key = IMAGE_SPATIAL_KEY if IMAGE_SPATIAL_KEY in adata.obsm else spatial_key
+    return extract_image_features(adata, image, spatial_key=key)
+
+
+def image_features_for(state: dict, adata: ad.AnnData, image=None) -> ImageFeatures:
+    """The features of ``adata``'s spots under a model's fitted image state (:meth:`ImageFeatures.fitted_state`).
+
+    ``image`` is ``None`` (the stored image key, ``obsm`` key or file), an image source as in
+    :meth:`ImageFeatures.apply`, or an :class:`ImageFeatures` made with this same state (e.g. by
+    :meth:`ImageFeatures.apply`), taken in ``adata``'s spot order.
+    """
+    fitted = ImageFeatures.from_fitted_state(state)
+    if not isinstance(image, ImageFeatures):
+        return fitted.apply(adata, image)
+    same = image.names == fitted.names and np.allclose(image.mean, fitted.mean) and \
+        np.allclose(image.scale, fitted.scale)
+    if not same:
+        raise ValueError("these image features were not standardised like the model's (other names, mean or SD); "
+                         "compute them with the model's state, or pass the image itself as image=")
+    return image.select(adata.obs_names)
+
+
 def _standardised(raw: np.ndarray, reasons: np.ndarray, mean: np.ndarray, scale: np.ndarray, names: list[str],
                   obs_names, settings: dict) -> ImageFeatures:
     usable = reasons == ""
@@ -272,16 +322,16 @@ def _raw_features(adata: ad.AnnData, image, *, library_id, spatial_key, spot_dia
     if int(block_size) < 1:
         raise ValueError(f"block_size must be a positive number of pixels, got {block_size}")
     coordinates = _coordinates(adata, spatial_key)
-    if spot_diameter is None:
-        spot_diameter = _library_diameter(adata, library_id)
-        if spot_diameter is None:
-            raise ValueError("no spot diameter: uns['spatial'][library]['scalefactors'] has no "
-                             "'spot_diameter_fullres'; pass spot_diameter= in coordinate units (Visium spots are "
-                             "55 um across)")
-    if not (np.isfinite(spot_diameter) and spot_diameter > 0):
-        raise ValueError(f"spot_diameter must be a positive number of coordinate units, got {spot_diameter}")
     source, owned = _open(adata, image, library_id)
     try:
+        if spot_diameter is None:
+            spot_diameter = _library_diameter(adata, library_id)
+            if spot_diameter is None:
+                raise ValueError("no spot diameter: uns['spatial'][library]['scalefactors'] has no "
+                                 "'spot_diameter_fullres'; pass spot_diameter= in coordinate units (Visium spots are "
+                                 "55 um across)")
+        if not (np.isfinite(spot_diameter) and spot_diameter > 0):
+            raise ValueError(f"spot_diameter must be a positive number of coordinate units, got {spot_diameter}")
         colour = resolve_background(background, source)
         diameter_px = float(spot_diameter) * source.scale
         raw = np.full((adata.n_obs, len(FEATURE_NAMES)), np.nan)
