@@ -75,7 +75,8 @@ def case_names(panel: Path, dlpfc: Path) -> dict[str, tuple]:
 
 def load_case(kind: str, argument, seed: int) -> tuple[ad.AnnData, np.ndarray]:
     if kind == "sim":
-        adata = simulate_many_genes_section(argument, 10_000, n_domain_genes=300, domain_lfc=1.5, seed=seed)
+        adata = filter_empty(simulate_many_genes_section(argument, 10_000, n_domain_genes=300, domain_lfc=1.5,
+                                                         seed=seed))
         return adata, np.asarray(adata.obsm["spatial"], dtype=float)
     return panel_section(argument) if kind == "panel" else dlpfc_section(argument)
 

@@ -604,7 +604,7 @@ class SpaVAE:
             genes = self.store_denoised(adata, self.get_denoised_counts(n_samples=n_samples), f"{key_added}_denoised")
             if genes is not None:
                 info["denoised_genes"] = genes
-            if len(self.module.observations) > 1:
+            if self.setup.n_proteins:
                 adata.obsm[f"{key_added}_denoised_proteins"] = self.get_denoised_counts(n_samples=n_samples,
                                                                                         modality="proteins")
         adata.uns[key_added] = info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -11,8 +12,11 @@ from pyro import poutine
 from scipy import stats
 
 import spavae
+from spavae.cli import main
+from spavae.data import write_visium
 from spavae.data.batch import Batch
 from spavae.image import ImageFeatures, extract_image_features, simulate_image_domain_section
+from spavae.image.features import COLOUR_FEATURES, TEXTURE_MIN_PIXELS
 from spavae.likelihoods import ImageFeatureObservation
 
 
@@ -70,7 +74,8 @@ def test_the_model_loss_counts_the_image_term_times_its_weight(section):
     usable = torch.isfinite(observed).all(1)
     log_likelihood = torch.distributions.Normal(observation.denoise(z, batch), observation.scale).log_prob(
         torch.nan_to_num(observed)).sum(1)[usable].sum()
-    np.testing.assert_allclose(float(loss_high.nb - loss_low.nb), -2.0 * float(log_likelihood.detach()), rtol=1e-5)
+    difference = float((loss_high.nb - loss_low.nb).detach())
+    np.testing.assert_allclose(difference, -2.0 * float(log_likelihood.detach()), rtol=1e-5)
 
 
 def test_the_encoder_sees_the_features_and_masked_spots_give_no_nan(section):
@@ -102,7 +107,7 @@ def test_without_image_nothing_changes(section):
 
 def test_the_fitted_image_state_travels_with_the_model_file(section, tmp_path):
     model = quiet_model(section, image="lowres", seed=0).train(max_epochs=3, progress=False)
-    fitted = extract_image_features(section, "lowres")
+    fitted = extract_image_features(section, "lowres").subset(COLOUR_FEATURES)
     np.testing.assert_allclose(model.setup.image["mean"], fitted.mean)
     model.save(tmp_path / "model.pt")
 
@@ -119,9 +124,21 @@ def test_the_fitted_image_state_travels_with_the_model_file(section, tmp_path):
     del bare.uns["spatial"]
     again = spavae.SpaVAE.load(tmp_path / "model.pt", bare, image=stored)
     np.testing.assert_array_equal(again.get_latent_representation(), loaded.get_latent_representation())
-    refitted = extract_image_features(half, "lowres")
+    refitted = extract_image_features(half, "lowres").subset(COLOUR_FEATURES)
     with pytest.raises(ValueError, match="not standardised like the model's"):
         spavae.SpaVAE.load(tmp_path / "model.pt", half, image=refitted)
+
+
+def test_texture_features_are_left_out_where_a_spot_spans_few_pixels(section):
+    lowres, hires = (quiet_model(section, image=key, seed=0) for key in ("lowres", "hires"))
+    low, high = (m.setup.image["settings"]["diameter_px"] for m in (lowres, hires))
+    assert low < TEXTURE_MIN_PIXELS <= high
+    assert lowres.setup.image["names"] == list(COLOUR_FEATURES)
+    assert hires.setup.image["names"] == list(extract_image_features(section, "hires").names)
+    every = extract_image_features(section, "lowres")
+    np.testing.assert_allclose(lowres.data.image_features, every.subset(COLOUR_FEATURES).values, rtol=1e-6)
+    np.testing.assert_allclose(lowres.data.image_features[:, 0], every.values[:, every.names.index("red_mean")],
+                               rtol=1e-6)
 
 
 def test_given_features_and_obsm_features_are_used_as_given(section):
@@ -151,3 +168,42 @@ def test_bad_image_inputs_give_one_line_errors(section):
     plain = quiet_model(section, seed=0)
     with pytest.raises(ValueError, match="the model has no image view"):
         spavae.SpaVAE(section, setup=plain.setup, image="lowres")
+
+
+def test_a_section_written_as_a_space_ranger_folder_reads_back(section, tmp_path):
+    folder = write_visium(section, tmp_path / "outs")
+    back = spavae.read(folder)
+    np.testing.assert_array_equal(back.X.toarray(), section.X)
+    np.testing.assert_allclose(back.obsm["spatial"], section.obsm["spatial"], rtol=1e-15)
+    np.testing.assert_array_equal(back.obs["array_row"], section.obs["array_row"])
+    library = next(iter(back.uns["spatial"].values()))
+    for key in ("hires", "lowres"):  # PNG: 8 bits per channel
+        np.testing.assert_allclose(library["images"][key][..., :3], section.uns["spatial"]["simulated"]["images"][key],
+                                   atol=1 / 255)
+    assert library["scalefactors"] == section.uns["spatial"]["simulated"]["scalefactors"]
+    with pytest.raises(ValueError, match="exists; give a new folder"):
+        write_visium(section, folder)
+    no_rows = section.copy()
+    del no_rows.obs["array_row"]
+    with pytest.raises(ValueError, match="array row and column"):
+        write_visium(no_rows, tmp_path / "other")
+
+
+def test_spavae_run_with_the_image_of_a_space_ranger_folder(section, tmp_path, capsys):
+    folder = write_visium(section, tmp_path / "outs")
+    out = tmp_path / "run"
+    code = main(["run", str(folder), "--image", "lowres", "--image-weight", "2", "--out", str(out), "--epochs", "2",
+                 "--n-domains", "5", "--quiet", "--threads", "1"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "image view: 6 colour_texture features per spot from kind=uns, image=lowres" in printed.out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["image"]["weight"] == 2.0 and metrics["image"]["features"] == list(COLOUR_FEATURES)
+    assert (out / "domains_on_image.png").read_bytes()[:4] == b"\x89PNG"
+    loaded = spavae.SpaVAE.load(out / "model.pt", spavae.read(folder))
+    assert loaded.setup.image == spavae.SpaVAE.load(out / "model.pt", spavae.read(folder)).setup.image
+    np.testing.assert_allclose(loaded.get_latent_representation(),
+                               spavae.read_h5ad(out / "results.h5ad").obsm["X_spavae"], rtol=1e-5, atol=1e-6)
+
+    assert main(["run", str(folder), "--image", "hires.png", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "image='hires.png' is neither an image of uns['spatial']" in capsys.readouterr().err

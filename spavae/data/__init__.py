@@ -11,7 +11,7 @@ from spavae.data.preprocess import (
 from spavae.data.readers import detect_format, read, read_h5ad, read_spavae_h5
 from spavae.data.simulate import simulate_spatial_counts
 from spavae.data.spatialdata_io import read_spatialdata, write_spatialdata
-from spavae.data.tenx import read_10x_h5, read_visium, read_visium_hd, read_xenium
+from spavae.data.tenx import read_10x_h5, read_visium, read_visium_hd, read_xenium, write_visium
 
 __all__ = [
     "LocationFrame",
@@ -32,4 +32,5 @@ __all__ = [
     "simulate_spatial_counts",
     "size_factors",
     "write_spatialdata",
+    "write_visium",
 ]

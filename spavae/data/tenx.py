@@ -350,3 +350,77 @@ def read_xenium(path: str | os.PathLike) -> ad.AnnData:
         adata.obs[column] = cells[column].to_numpy()
     adata.uns["spavae_source"] = {"path": str(folder), "format": "xenium"}
     return adata
+
+
+def write_visium(adata: ad.AnnData, folder: str | os.PathLike, *, library_id: str | None = None,
+                 layer: str | None = None, overwrite: bool = False) -> Path:
+    """Write ``adata`` as a Space Ranger Visium output folder that :func:`read_visium` reads back.
+
+    The folder gets ``filtered_feature_bc_matrix.h5`` (the counts of ``.X`` or ``layers[layer]`` as integers, every
+    gene a ``'Gene Expression'`` feature, the spot names as barcodes) and ``spatial/`` with
+    ``tissue_positions.csv`` (every spot in tissue; ``obs['array_row']``/``obs['array_col']`` and the
+    full-resolution pixels of ``obsm['spatial']``, x then y), ``scalefactors_json.json`` and the ``hires``/``lowres``
+    images of ``uns['spatial'][library_id]`` as PNGs. Useful to hand a section to tools that read Space Ranger
+    output, and to build test folders.
+
+    Parameters
+    ----------
+    adata
+        Spots x genes with integer counts, ``obs['array_row']``, ``obs['array_col']`` and ``obsm['spatial']`` in
+        full-resolution pixels; optionally ``uns['spatial'][library_id]`` with ``scalefactors`` and ``images``.
+    folder
+        The output folder (the ``outs/`` of a Space Ranger run); it must not exist unless ``overwrite``.
+    library_id
+        Key of ``uns['spatial']``; needed only when there are several.
+    layer
+        Layer with the counts (``None``: ``.X``).
+    overwrite
+        Write into an existing folder, replacing these files.
+    """
+    import h5py
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise ValueError(f"{folder} exists; give a new folder or overwrite=True")
+    missing = [key for key in ("array_row", "array_col") if key not in adata.obs]
+    if missing or "spatial" not in adata.obsm:
+        raise ValueError(f"adata lacks {missing + ([] if 'spatial' in adata.obsm else ['obsm spatial'])}: a Visium "
+                         "folder needs each spot's array row and column (obs) and full-resolution pixels "
+                         "(obsm['spatial'])")
+    counts = sp.csr_matrix(adata.layers[layer] if layer else adata.X)
+    if counts.data.size and not (np.all(counts.data >= 0) and np.all(counts.data == np.round(counts.data))):
+        raise ValueError(f"{'layers[' + repr(layer) + ']' if layer else 'adata.X'} does not hold integer counts; "
+                         "a 10x matrix stores raw counts")
+    library = {}
+    libraries = adata.uns.get("spatial")
+    if isinstance(libraries, dict) and libraries:
+        if library_id is None and len(libraries) > 1:
+            raise ValueError(f"uns['spatial'] holds several libraries {sorted(libraries)}; pass library_id=")
+        library = libraries[library_id or next(iter(libraries))]
+    spatial = folder / "spatial"
+    spatial.mkdir(parents=True, exist_ok=True)
+    csc = counts.T.tocsc().astype(np.int32)
+    with h5py.File(folder / MATRIX_FILE, "w") as h5:
+        group = h5.create_group("matrix")
+        group["data"], group["indices"], group["indptr"] = csc.data, csc.indices, csc.indptr
+        group["shape"] = np.array(csc.shape, dtype=np.int32)
+        group["barcodes"] = np.array([str(name).encode() for name in adata.obs_names])
+        features = group.create_group("features")
+        genes = [str(name).encode() for name in adata.var_names]
+        features["id"], features["name"] = np.array(genes), np.array(genes)
+        features["feature_type"] = np.array([GENE_EXPRESSION.encode()] * len(genes))
+    pixels = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    pd.DataFrame({"barcode": adata.obs_names.astype(str), "in_tissue": 1,
+                  "array_row": adata.obs["array_row"].astype(int).to_numpy(),
+                  "array_col": adata.obs["array_col"].astype(int).to_numpy(),
+                  "pxl_row_in_fullres": pixels[:, 1], "pxl_col_in_fullres": pixels[:, 0]}).to_csv(
+        spatial / "tissue_positions.csv", index=False)
+    scalefactors = {key: float(value) for key, value in (library.get("scalefactors") or {}).items()}
+    (spatial / "scalefactors_json.json").write_text(json.dumps(scalefactors))
+    for key, name in IMAGE_FILES.items():
+        image = (library.get("images") or {}).get(key)
+        if image is not None:
+            plt.imsave(spatial / name, np.clip(np.asarray(image), 0, 1) if np.asarray(image).dtype.kind == "f"
+                       else np.asarray(image))
+    return folder

@@ -26,6 +26,11 @@ from spavae.image.sources import ImageSource, spatial_library, tiff_image, uns_i
 OBSM_EXTRACTOR = "obsm"
 REASONS = ("off_image", "background", "missing")
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs")
+#: A spot must span this many pixels for the model to use the texture features (SDs, gradient): 11 px across a
+#: 55 um Visium spot is 5 um per pixel, the size of a nucleus.
+TEXTURE_MIN_PIXELS = 11.0
+#: The built-in features that describe colour and stain, not texture.
+COLOUR_FEATURES = ("red_mean", "green_mean", "blue_mean", "hematoxylin_mean", "eosin_mean", "intensity_mean")
 #: ``obsm`` key of full-resolution pixel positions that a model's image view prefers (written by
 #: :func:`~spavae.image.add_spaceranger_image` beside the model's own coordinates).
 IMAGE_SPATIAL_KEY = "spatial_fullres"
@@ -90,6 +95,16 @@ class ImageFeatures:
         return ImageFeatures(self.values[rows], list(self.names), self.mask[rows], self.reasons[rows],
                              self.obs_names[rows], self.mean, self.scale, dict(self.settings))
 
+    def subset(self, names) -> ImageFeatures:
+        """These features restricted to the columns ``names`` (in that order), e.g. the colour features only."""
+        names = list(names)
+        missing = [name for name in names if name not in self.names]
+        if missing or not names:
+            raise ValueError(f"unknown image feature(s) {missing} (the features are {self.names}); choose among those")
+        columns = [self.names.index(name) for name in names]
+        return ImageFeatures(self.values[:, columns], names, self.mask, self.reasons, self.obs_names,
+                             self.mean[columns], self.scale[columns], dict(self.settings))
+
     def apply(
         self,
         adata: ad.AnnData,
@@ -138,6 +153,9 @@ class ImageFeatures:
             background=settings["background"], background_tolerance=settings["background_tolerance"],
             max_background_fraction=settings["max_background_fraction"], min_coverage=settings["min_coverage"],
             block_size=block_size)
+        if names != self.names and set(self.names) <= set(names):  # these features are a subset of the extractor's
+            raw = raw[:, [names.index(name) for name in self.names]]
+            names = list(self.names)
         if (new_settings["extractor"], new_settings["extractor_version"]) != \
                 (settings["extractor"], settings["extractor_version"]) or names != self.names:
             raise ValueError(f"these features were made by extractor {settings['extractor']} (version "
@@ -265,15 +283,23 @@ def extract_image_features(
 def fit_image_features(adata: ad.AnnData, image, *, spatial_key: str = "spatial") -> ImageFeatures:
     """The image features a model's image view is fitted on (``SpaVAE(adata, image=...)``).
 
-    ``image`` is an :class:`ImageFeatures` of ``adata``'s spots (taken in ``adata``'s spot order: choose any
-    extractor option with :func:`extract_image_features` first), or anything :func:`extract_image_features` takes,
-    extracted with its defaults from the spots' image coordinates: ``obsm['spatial_fullres']`` when ``adata`` has it
-    (as :func:`~spavae.image.add_spaceranger_image` writes it), else ``obsm[spatial_key]``.
+    ``image`` is an :class:`ImageFeatures` of ``adata``'s spots, used as given (taken in ``adata``'s spot order:
+    choose any extractor option with :func:`extract_image_features` first, or columns with
+    :meth:`ImageFeatures.subset`), or anything :func:`extract_image_features` takes, extracted with its defaults from
+    the spots' image coordinates: ``obsm['spatial_fullres']`` when ``adata`` has it (as
+    :func:`~spavae.image.add_spaceranger_image` writes it), else ``obsm[spatial_key]``.
+
+    From an image where a spot spans fewer than :data:`TEXTURE_MIN_PIXELS` pixels (a Space Ranger thumbnail: about
+    4), only the colour features (:data:`COLOUR_FEATURES`) are kept: a pixel there is wider than a nucleus, so the
+    SDs and the gradient measure resampling noise, not texture, and would only add noise to the latent.
     """
     if isinstance(image, ImageFeatures):
         return image.select(adata.obs_names)
     key = IMAGE_SPATIAL_KEY if IMAGE_SPATIAL_KEY in adata.obsm else spatial_key
-    return extract_image_features(adata, image, spatial_key=key)
+    features = extract_image_features(adata, image, spatial_key=key)
+    if features.settings["extractor"] == EXTRACTOR and features.settings["diameter_px"] < TEXTURE_MIN_PIXELS:
+        return features.subset(COLOUR_FEATURES)
+    return features
 
 
 def image_features_for(state: dict, adata: ad.AnnData, image=None) -> ImageFeatures:

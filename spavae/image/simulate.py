@@ -54,8 +54,9 @@ def simulate_image_domain_section(
 
     Returns
     -------
-    AnnData with counts in ``.X``; ``obs['ground_truth']`` (all ``n_domains`` domains) and
-    ``obs['expression_domain']`` (the hidden domain merged into its neighbour); ``obsm['spatial']`` in
+    AnnData with counts in ``.X``; ``obs['ground_truth']`` (all ``n_domains`` domains),
+    ``obs['expression_domain']`` (the hidden domain merged into its neighbour) and the Visium array indices
+    ``obs['array_row']``, ``obs['array_col']``; ``obsm['spatial']`` in
     full-resolution pixels and ``obsm['spatial_lattice']`` in lattice units; ``layers['true_log_mean']`` and
     ``varm['domain_effect']`` after the merge; ``uns['spatial']['simulated']`` with ``images`` (``'hires'``,
     ``'lowres'``: float32 RGB in [0, 1]) and ``scalefactors``; ``uns['simulation']`` with ``hidden_domain``
@@ -77,6 +78,9 @@ def simulate_image_domain_section(
     lattice = adata.obsm["spatial"]
     spots = (lattice - lattice.min(0) + 2.0) * spot_spacing
     adata.obsm["spatial_lattice"] = lattice
+    rows = np.round(lattice[:, 1] / np.sqrt(0.75)).astype(int)  # Visium array indices of the hexagonal lattice
+    adata.obs["array_row"] = rows - rows.min()
+    adata.obs["array_col"] = np.round(2 * lattice[:, 0]).astype(int) - int(np.round(2 * lattice[:, 0]).min())
     adata.obsm["spatial"] = spots
     hires = _paint(spots, domains == hidden, spot_spacing, hires_scalef, rng)
     k = int(round(factor))
