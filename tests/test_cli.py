@@ -1,6 +1,7 @@
 """The command line: help, a tiny end-to-end run on an h5 file, and clear errors."""
 
 import json
+import re
 
 import h5py
 import numpy as np
@@ -52,6 +53,13 @@ def test_run_on_labels_without_a_labelled_spot_finishes_like_unlabelled_data(tmp
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_domains_chosen_by"] == "silhouette" and not any(key.startswith("ari") for key in metrics)
     assert f"no ARI/NMI: none of the {metrics['n_spots']} spots has a ground-truth label" in printed.out
+    # the sizing choices, each with its reason
+    assert "genes: all 30 (n_top_genes='auto': 6,000 genes or fewer" in printed.out
+    assert re.search(r"inducing points: (\d+), a (\d+) x (\d+) grid over the section \(inducing='auto': a grid up to "
+                     r"20,000 spots\)", printed.out)
+    points, side_x, side_y = map(int, re.search(r"inducing points: (\d+), a (\d+) x (\d+) grid", printed.out).groups())
+    assert points == side_x * side_y and abs(points - 49) <= 7
+    assert "latent: 2 GP + 8 Gaussian dimensions (n_gp=2, the default, n_gauss=8, the default)" in printed.out
     assert (out / "n_domains_selection.csv").is_file() and (out / "results.h5ad").is_file()
 
 

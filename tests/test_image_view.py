@@ -196,7 +196,8 @@ def test_spavae_run_with_the_image_of_a_space_ranger_folder(section, tmp_path, c
                  "--n-domains", "5", "--quiet", "--threads", "1"])
     printed = capsys.readouterr()
     assert code == 0, printed.err
-    assert "image view: 6 colour_texture features per spot from kind=uns, image=lowres" in printed.out
+    assert "image: 6 colour_texture features per spot from kind=uns, image=lowres" in printed.out
+    assert "(image_weight=2); 0 of 144 spots without usable features" in printed.out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["image"]["weight"] == 2.0 and metrics["image"]["features"] == list(COLOUR_FEATURES)
     assert (out / "domains_on_image.png").read_bytes()[:4] == b"\x89PNG"

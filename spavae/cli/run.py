@@ -15,6 +15,7 @@ import torch
 from spavae import __version__
 from spavae.analysis.domains import cluster_domains, write_domain_columns
 from spavae.api import SpaVAE
+from spavae.choices import describe_choices
 from spavae.cli.domains import add_n_domains_options, describe_choice, unscored_line
 from spavae.cli.outputs import Outputs
 from spavae.data import filter_empty, read, simulate_spatial_counts
@@ -97,8 +98,7 @@ def run_command(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     model = SpaVAE(adata, kernel=args.kernel, inducing_steps=args.inducing_steps, dtype=args.dtype,
                    device=args.device, seed=args.seed, image=args.image, image_weight=args.image_weight)
-    if args.image is not None:
-        print(describe_image_view(model), flush=True)
+    print("\n".join(describe_choices(model)), flush=True)
     model.train(max_epochs=args.epochs, lr=args.lr, patience=args.patience, progress=not args.quiet)
     seconds = time.perf_counter() - start
     model.write_results(adata)
@@ -137,16 +137,6 @@ def run_command(args: argparse.Namespace) -> dict:
     print(json.dumps(metrics), flush=True)
     written.report()
     return metrics
-
-
-def describe_image_view(model: SpaVAE) -> str:
-    """One line on the image view: the features, their source and the spots without usable ones."""
-    image = model.summary()["image"]
-    missing = int(np.isnan(model.data.image_features).any(1).sum())
-    source = ", ".join(f"{k}={v}" for k, v in image["source"].items())
-    return (f"image view: {len(image['features'])} {image['extractor']} features per spot from {source}, weight "
-            f"{image['weight']:g}; {missing} of {len(model.obs_names)} spots without usable features (off the image "
-            "or on background) are left out of the image likelihood")
 
 
 def tissue_image(adata) -> tuple[np.ndarray, np.ndarray, float | None] | None:

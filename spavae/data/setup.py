@@ -92,7 +92,8 @@ class DataSetup:
     genes of the training data, when highly variable genes were selected); ``None``: the model's genes.
     ``image`` is the fitted state of the image view (:meth:`ImageFeatures.fitted_state
     <spavae.image.ImageFeatures.fitted_state>`: feature names, standardisation, extractor settings and image source),
-    or ``None`` for a model without one.
+    or ``None`` for a model without one. ``inducing_method`` says how the inducing points were placed (``'grid'``
+    or ``'kmeans'``).
     """
 
     genes: list[str]
@@ -112,6 +113,7 @@ class DataSetup:
     protein_background: np.ndarray | None = None
     library_genes: list[str] | None = None
     image: dict | None = None
+    inducing_method: str | None = None
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -188,7 +190,8 @@ class DataSetup:
                    frames=frames, inducing_points=np.vstack(points), gene_selection=selection,
                    protein_background=background,
                    library_genes=list(adata.var_names) if selection is not None and not binarize else None,
-                   image=None if image_features is None else image_features.fitted_state())
+                   image=None if image_features is None else image_features.fitted_state(),
+                   inducing_method=method)
 
     @staticmethod
     def _select_genes(matrix, var_names: pd.Index, n_top_genes, binarize: bool, where: str, batch_key: str | None,
