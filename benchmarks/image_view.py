@@ -1,7 +1,7 @@
 """Does the image view help? Domains with and without the tissue image, under one protocol.
 
 Usage: python benchmarks/image_view.py [--cases sim dlpfc_151507 dlpfc_151510] [--seeds 3] [--images none lowres]
-       [--weights 1.0] [--threads 1]
+       [--weights 1.0] [--threads 1] [--figures DIR]
 
 Cases:
 
@@ -17,7 +17,8 @@ its default, trained, the latent clustered by KMeans with k = the number of labe
 labelled spots. For ``sim`` also ``ari_hidden_pair``: the ARI between truth and clusters on the spots of the
 hidden domain and its expression twin only (about 0 when the two are not told apart, 1 when they are), and the
 ARI of KMeans on the image features alone. One JSON line per run, then one summary line per case, image and
-weight.
+weight. ``--figures DIR`` also draws each seed-0 run's domains (KMeans, then the hexagonal neighbour-majority
+refinement of ``spavae run``) over the section's thumbnail, ``DIR/<case>_<image>[_w<weight>].png``.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ import pandas as pd
 import torch
 
 import spavae
-from spavae.analysis import cluster_kmeans, score_clustering
+from spavae.analysis import cluster_domains, cluster_kmeans, score_clustering, visium_array_to_xy
 from spavae.data import filter_empty
 from spavae.image import add_spaceranger_image, extract_image_features, simulate_image_domain_section
+from spavae.plot import plot_domains_on_image
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "dlpfc"
 
@@ -51,7 +53,7 @@ def load_case(name: str, seed: int):
     return adata, adata.obs["ground_truth"].astype(str)
 
 
-def run(name: str, seed: int, image: str, weight: float) -> dict:
+def run(name: str, seed: int, image: str, weight: float, figures: Path | None = None) -> dict:
     adata, truth = load_case(name, seed)
     n_domains = int(truth[truth != "NA"].nunique())
     start = time.perf_counter()
@@ -61,7 +63,11 @@ def run(name: str, seed: int, image: str, weight: float) -> dict:
     setup_seconds = time.perf_counter() - start
     model.train(progress=False)
     seconds = time.perf_counter() - start
-    labels = cluster_kmeans(model.get_latent_representation(), n_domains, seed=seed)
+    latent = model.get_latent_representation()
+    labels = cluster_kmeans(latent, n_domains, seed=seed)
+    if figures is not None and seed == 0:
+        draw(adata, latent, n_domains, figures / f"{name}_{image}{'' if image == 'none' else f'_w{weight:g}'}.png",
+             f"{name}, {'counts only' if image == 'none' else f'with the {image} image (weight {weight:g})'}")
     labelled = (truth != "NA").to_numpy()
     scores = score_clustering(truth[labelled], labels[labelled])
     row = {"case": name, "seed": seed, "image": image, "image_weight": weight if image != "none" else None,
@@ -79,6 +85,19 @@ def run(name: str, seed: int, image: str, weight: float) -> dict:
         row["ari_image_features_only"] = round(score_clustering(truth, cluster_kmeans(features, n_domains,
                                                                                       seed=seed))["ari"], 4)
     return row
+
+
+def draw(adata, latent: np.ndarray, n_domains: int, path: Path, title: str) -> None:
+    """The refined domains over the section's lowres thumbnail."""
+    library = next(iter(adata.uns["spatial"].values()))
+    factors = library["scalefactors"]
+    scale = factors["tissue_lowres_scalef"]
+    pixels = np.asarray(adata.obsm["spatial_fullres" if "spatial_fullres" in adata.obsm else "spatial"])[:, :2]
+    lattice = visium_array_to_xy(adata.obsm["spatial"]) if "spatial_fullres" in adata.obsm else pixels
+    domains = cluster_domains(latent, lattice, n_domains, refine="hexagon", seed=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot_domains_on_image(library["images"]["lowres"], pixels * scale, domains.refined, path,
+                          spot_diameter_px=factors["spot_diameter_fullres"] * scale, title=title)
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -103,6 +122,7 @@ def main() -> None:
                         help="'none' (no image view) and/or image keys ('lowres', 'hires', 'auto')")
     parser.add_argument("--weights", nargs="+", type=float, default=[1.0], help="image_weight values")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--figures", type=Path, help="folder for the seed-0 domains over the thumbnail")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -110,7 +130,7 @@ def main() -> None:
         for seed in range(args.seeds):
             for image in args.images:
                 for weight in ([1.0] if image == "none" else args.weights):
-                    row = run(name, seed, image, weight) | {"threads": args.threads, "spavae": spavae.__version__}
+                    row = run(name, seed, image, weight, args.figures) | {"threads": args.threads, "spavae": spavae.__version__}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     for line in summarize(rows):
