@@ -49,7 +49,7 @@ def html(tmp_path_factory) -> Path:
 
 def test_tutorial_list_is_complete():
     assert set(TUTORIALS) == {"quickstart", "spatial_domains", "interpolation_enhancement",
-                              "spatially_variable_genes", "multi_section", "space_ranger",
+                              "spatially_variable_genes", "multi_section", "space_ranger", "image_view",
                               "probabilistic_programming"}
     index = (DOCS / "index.md").read_text()
     missing = [name for name in TUTORIALS if f"tutorials/{name}\n" not in index]
