@@ -1,7 +1,6 @@
 """Experiment of issue 20: the encoder reading principal components instead of the genes.
 
-Usage: python benchmarks/encoder_input.py N_AXES SEEDS CASE [CASE ...]   (env INIT='{"inducing_steps": 12}' adds
-model options)
+Usage: python benchmarks/encoder_input.py N_AXES [--seeds 3] [--init KEY=VALUE ...] CASE [CASE ...]
 
 ``N_AXES`` > 0: the encoder input (z-scored log expression of the model's genes) is projected onto its first
 ``N_AXES`` principal axes, fitted on all spots of the section; ``-1``: as many axes as have an eigenvalue above
@@ -14,8 +13,8 @@ not saved with the model.
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from spavae.analysis import cluster_kmeans, score_clustering
 from spavae.nn import GaussianEncoder
 
 sys.path.insert(0, str(Path(__file__).parent))
+from dlpfc import key_values  # noqa: E402
 from panel import SHARED, case_names, load_case  # noqa: E402
 
 
@@ -55,9 +55,8 @@ def principal_axes(x: np.ndarray, n_axes: int) -> tuple[np.ndarray, np.ndarray]:
     return vt[:n_axes].T, centre
 
 
-def main(n_axes: int, seeds: int, cases: list[str]) -> None:
+def main(n_axes: int, seeds: int, cases: list[str], options: dict) -> None:
     names = case_names(SHARED / "panel", SHARED / "dlpfc")
-    options = json.loads(os.environ.get("INIT", "{}"))
     torch.set_num_threads(1)
     for name in cases:
         kind, argument = names[name]
@@ -79,4 +78,11 @@ def main(n_axes: int, seeds: int, cases: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("n_axes", type=int, help="principal axes the encoder reads (-1: those above the noise edge)")
+    parser.add_argument("cases", nargs="+", help="panel.py case names")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    parser.add_argument("--init", action="append", default=[], metavar="KEY=VALUE",
+                        help="SpaVAE model option, VALUE read as JSON (repeatable)")
+    args = parser.parse_args()
+    main(args.n_axes, args.seeds, args.cases, key_values(args.init))
