@@ -7,8 +7,10 @@ Usage: python benchmarks/encoder_input.py N_AXES [--seeds 3] [--init KEY=VALUE .
 the Marchenko-Pastur edge ``(1 + sqrt(G/N))**2`` of a pure-noise N x G z-scored matrix. The projection is a
 fixed buffer in front of spavae's Gaussian encoder; everything else (data setup, GP, likelihood, training,
 KMeans with the reference k on the latent) is the panel's protocol (``panel.py``). Cases are ``panel.py``'s.
-One JSON line per case and seed. This is an experiment on the encoder, not a package option: the projection is
-not saved with the model.
+One JSON line per case and seed. The projection here is a module in front of the encoder, built after the model
+(so the weights are drawn differently from the package's); the model itself is built with ``input_axes=None``, the
+genes. The package's rule that came out of this experiment is ``SpaVAE(input_axes='auto')``
+(:mod:`spavae.data.input_axes`), measured with ``panel.py``.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def main(n_axes: int, seeds: int, cases: list[str], options: dict) -> None:
             truth = adata.obs["ground_truth"].astype(str)
             k = int(truth[truth != "NA"].nunique())
             start = time.perf_counter()
-            model = spavae.SpaVAE(adata, seed=seed, **options)
+            model = spavae.SpaVAE(adata, seed=seed, **({"input_axes": None} | options))
             x = torch.cat([b.expression for b in model.data.chunks(1024)]).numpy().astype(np.float64)
             axes, centre = principal_axes(x, n_axes)
             torch.manual_seed(seed)

@@ -103,7 +103,10 @@ def run_case(name: str, kind: str, argument, seed: int, model_options: dict, tra
     scores = score_clustering(truth, cluster_kmeans(latent, n_domains, seed=seed))
     chosen, _ = choose_n_domains(latent, lattice, seed=seed)
     own = score_clustering(truth, cluster_kmeans(latent, chosen, seed=seed))
-    row |= {"model_genes": model.setup.n_genes, "epochs": len(model.history), "seconds": round(seconds, 1),
+    scale = model.module.gp.kernel_scale
+    row |= {"model_genes": model.setup.n_genes, "input_axes": None if model.setup.input_axes is None else
+            model.setup.n_gene_input, "kernel_scale": None if scale is None else round(scale, 3),
+            "epochs": len(model.history), "seconds": round(seconds, 1),
             "stop_reason": model.trainer.state.stop_reason, "ari": round(scores["ari"], 4),
             "nmi": round(scores["nmi"], 4), "k_chosen": chosen, "ari_chosen_k": round(own["ari"], 4),
             "baseline_ari": round(baseline_ari(adata, n_domains, lattice, seed), 4),

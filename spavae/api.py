@@ -99,6 +99,13 @@ class SpaVAE:
         genes are ranked within each section and the ranks combined, as scanpy's ``seurat_v3`` with ``batch_key``.
         When genes are selected, a spot's library size (the numerator of its size factor) still sums all the genes of
         ``adata`` (:meth:`DataSetup.library_sizes <spavae.data.setup.DataSetup.library_sizes>`).
+    input_axes
+        What the encoder reads of the genes. ``'auto'`` (default): when the model has more than twice as many genes
+        as spots (a few-hundred-spot ST section with 2,000 genes), the z-scored gene input projected onto its first
+        10 principal axes, fitted on the training spots; otherwise the genes themselves
+        (:func:`spavae.data.input_axes.auto_input_axes`). An integer: that many axes, always; ``None``: the genes,
+        always. The decoder models every gene either way; the axes are kept in the data setup and the model file,
+        so new spots are projected onto the training axes. Not for binarised peaks.
     loc_range, location_frame
         How spot coordinates become GP inputs, per section (:class:`~spavae.data.frame.LocationFrame`).
         ``'aligned'`` (default): Visium array indices are put on their hexagonal lattice; where the variances along
@@ -148,6 +155,7 @@ class SpaVAE:
         image=None,
         likelihood: str = "nb",
         n_top_genes: int | str | None = "auto",
+        input_axes: int | str | None = "auto",
         loc_range: float = 20.0,
         location_frame: str = "aligned",
         inducing: str = "auto",
@@ -177,8 +185,8 @@ class SpaVAE:
             self.setup = setup if setup is not None else DataSetup.fit(
                 adata, layer=layer, spatial_key=spatial_key, batch_key=batch_key, protein_key=protein_key,
                 likelihood=likelihood, n_top_genes=n_top_genes, loc_range=loc_range, location_frame=location_frame,
-                inducing=inducing, inducing_steps=inducing_steps, n_inducing=n_inducing, seed=seed,
-                image_features=image_features)
+                inducing=inducing, inducing_steps=inducing_steps, n_inducing=n_inducing, input_axes=input_axes,
+                seed=seed, image_features=image_features)
             self.data = SpotData(adata, self.setup, device=self.device, dtype=self.dtype, gp_dtype=GP_DTYPE,
                                  image=image if image_features is None else image_features)
             self.module = build_module(self.setup, n_obs=len(self.data), dtype=self.dtype, **module_options)

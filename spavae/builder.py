@@ -130,7 +130,7 @@ def build_module(
         check_number("image_weight", image_weight, low=0, inclusive=False)
         observations.append(ImageFeatureObservation(
             setup.n_image_features, n_latent, tuple(decoder_layers), n_batch=n_batch, weight=image_weight,
-            dropout=dropout, columns=slice(setup.n_genes + setup.n_proteins, setup.n_input)))
+            dropout=dropout, columns=slice(setup.n_genes + setup.n_proteins, setup.n_observed)))
     custom_encoder = ConvEncoder(setup.n_input + n_batch, n_latent, tuple(encoder_layers), dropout=dropout) \
         if encoder == "conv" else None
     module = SpaVAEModule(setup.n_input, gp, n_gauss, n_obs or 1, observations,

@@ -1,7 +1,7 @@
 """The size of a model, said in words: what :class:`~spavae.SpaVAE` chose for a section and why.
 
-:func:`describe_choices` turns a built model into one line per choice (genes, inducing points, latent dimensions,
-networks, image view), each with the rule or setting behind it. ``spavae run`` prints them before training.
+:func:`describe_choices` turns a built model into one line per choice (genes, encoder input, inducing points, latent
+dimensions, networks, image view), each with the rule or setting behind it. ``spavae run`` prints them before training.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from spavae.api import MODULE_DEFAULTS, SpaVAE
+from spavae.data.input_axes import AUTO_GENES_PER_SPOT
 from spavae.data.setup import AUTO_GENES_THRESHOLD, AUTO_TOP_GENES, GRID_MAX_SPOTS
 
 
@@ -22,11 +23,12 @@ def describe_choices(model: SpaVAE) -> list[str]:
 
     Returns
     -------
-    Lines starting with ``genes:``, ``inducing points:``, ``latent:``, ``networks:`` and, with the image view,
-    ``image:``.
+    Lines starting with ``genes:``, ``encoder input:``, ``inducing points:``, ``latent:``, ``networks:`` and, with
+    the image view, ``image:``.
     """
     params, setup = model.init_params, model.setup
-    lines = [f"genes: {_genes(params.get('n_top_genes'), setup)}"]
+    lines = [f"genes: {_genes(params.get('n_top_genes'), setup)}",
+             f"encoder input: {_encoder_input(params.get('input_axes'), setup, len(model.data))}"]
     inducing, method = params.get("inducing"), setup.inducing_method
     points = setup.inducing_points
     if method == "grid" and not setup.n_sections:
@@ -68,6 +70,19 @@ def _genes(n_top_genes, setup) -> str:
     kept = f"all {setup.n_genes:,}"
     return f"{kept} ({why}; {AUTO_TOP_GENES:,} highly variable genes are kept above)" \
         if n_top_genes == "auto" else f"{kept} ({why})"
+
+
+def _encoder_input(input_axes, setup, n_spots: int) -> str:
+    read = "the genes" if setup.input_axes is None else \
+        f"{setup.n_gene_input} principal axes of the z-scored genes"
+    if input_axes != "auto":
+        return f"{read} (input_axes={input_axes!r})"
+    if setup.binarize:
+        return f"{read} (input_axes='auto': binarised peaks are read as they are)"
+    ratio = setup.n_genes / n_spots
+    side = f"more than {AUTO_GENES_PER_SPOT:g}" if setup.input_axes is not None else \
+        f"{AUTO_GENES_PER_SPOT:g} or fewer"
+    return f"{read} (input_axes='auto': {ratio:.2g} genes per spot, {side})"
 
 
 def _per_section(setup) -> str:

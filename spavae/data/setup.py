@@ -9,6 +9,8 @@ and keeps everything the model's inputs are computed from (ALGORITHM 1.2-1.5):
   with no count in the selected genes is an ordinary observation of zeros), and ``s_i = n_i / median`` with the
   median library size of the training spots;
 * the per-gene mean and SD of ``log1p(counts / s)`` that z-score the encoder input (and those of the proteins);
+* on a section with many more genes than spots, the principal axes the encoder reads instead of the genes
+  (:mod:`spavae.data.input_axes`);
 * the location frame of each section (:class:`~spavae.data.frame.LocationFrame`) and the section names;
 * the inducing points;
 * with the image view, how the per-spot image features are computed and standardised (:mod:`spavae.image`).
@@ -33,6 +35,7 @@ import scipy.sparse as sp
 
 from spavae.data.counts import count_matrix, row_chunks
 from spavae.data.inducing import grid_inducing_points, kmeans_inducing_points, split_inducing
+from spavae.data.input_axes import auto_input_axes, fit_input_axes
 from spavae.data.frame import FRAMES, LocationFrame
 from spavae.data.preprocess import check_count_block, check_locations
 from spavae.utils import check_number
@@ -93,7 +96,8 @@ class DataSetup:
     ``image`` is the fitted state of the image view (:meth:`ImageFeatures.fitted_state
     <spavae.image.ImageFeatures.fitted_state>`: feature names, standardisation, extractor settings and image source),
     or ``None`` for a model without one. ``inducing_method`` says how the inducing points were placed (``'grid'``
-    or ``'kmeans'``).
+    or ``'kmeans'``). ``input_axes`` (genes x axes) projects the z-scored gene input of the encoder onto principal
+    axes (:mod:`spavae.data.input_axes`); ``None``: the encoder reads the genes.
     """
 
     genes: list[str]
@@ -114,6 +118,7 @@ class DataSetup:
     library_genes: list[str] | None = None
     image: dict | None = None
     inducing_method: str | None = None
+    input_axes: np.ndarray | None = None
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -121,7 +126,8 @@ class DataSetup:
             batch_key: str | None = None, protein_key: str | None = None, likelihood: str = "nb",
             n_top_genes: int | str | None = "auto", loc_range: float = 20.0, location_frame: str = "aligned",
             inducing: str = "auto", inducing_steps: int = 6, n_inducing: int | None = None,
-            seed: int = 0, image_features: ImageFeatures | None = None) -> DataSetup:
+            input_axes: int | str | None = "auto", seed: int = 0,
+            image_features: ImageFeatures | None = None) -> DataSetup:
         """Fit the setup on the training AnnData (see :class:`~spavae.SpaVAE` for the parameters).
 
         ``image_features`` (of ``adata``'s spots, :func:`spavae.image.fit_image_features`) adds the image view: the
@@ -137,6 +143,9 @@ class DataSetup:
             raise ValueError(f"likelihood must be 'nb' or 'bernoulli', got {likelihood!r}")
         if inducing not in ("auto", "grid", "kmeans"):
             raise ValueError(f"inducing must be 'auto', 'grid' or 'kmeans', got {inducing!r}")
+        if not (input_axes is None or input_axes == "auto" or
+                (isinstance(input_axes, (int, np.integer)) and not isinstance(input_axes, bool) and input_axes >= 1)):
+            raise ValueError(f"input_axes must be a positive integer, 'auto' or None, got {input_axes!r}")
         if location_frame not in FRAMES:
             raise ValueError(f"location_frame must be one of {list(FRAMES)}, got {location_frame!r}")
         if adata.n_obs < MIN_SPOTS:
@@ -155,7 +164,13 @@ class DataSetup:
         if len(genes) < MIN_GENES:
             raise ValueError(f"{where} has {len(genes)} gene(s); spavae needs at least {MIN_GENES}")
         columns = pd.Index(adata.var_names).get_indexer(genes)
-        library_median, mean, sd = _expression_statistics(matrix, columns, binarize, where, layer)
+        totals, library_median, mean, sd = _expression_statistics(matrix, columns, binarize, where, layer)
+        n_axes = auto_input_axes(adata.n_obs, len(genes), binarize) if input_axes == "auto" else input_axes
+        if n_axes is not None and binarize:
+            raise ValueError("input_axes applies to counts; binarised peaks (likelihood='bernoulli') are read as they "
+                             "are: give input_axes=None")
+        axes = None if n_axes is None else \
+            fit_input_axes(matrix, columns, totals, library_median, mean, sd, int(n_axes), seed=seed)
         proteins = protein_matrix(adata, protein_key)
         background = None
         if proteins is not None:
@@ -181,8 +196,9 @@ class DataSetup:
         if sections is not None:
             points = [np.hstack([section_points, np.tile(np.eye(len(sections))[index], (len(section_points), 1))])
                       for index, section_points in enumerate(points)]
-        logger.info("data setup: %d spots, %d genes%s, %d inducing points (%s)", adata.n_obs, len(genes),
+        logger.info("data setup: %d spots, %d genes%s%s, %d inducing points (%s)", adata.n_obs, len(genes),
                     f" (highly variable of {selection['n_input_genes']})" if selection else "",
+                    "" if axes is None else f" read by the encoder on {axes.shape[1]} principal axes",
                     sum(len(p) for p in points), method)
         return cls(genes=list(genes), layer=layer, spatial_key=spatial_key, batch_key=batch_key, sections=sections,
                    protein_key=protein_key, n_proteins=0 if proteins is None else proteins.shape[1],
@@ -191,7 +207,7 @@ class DataSetup:
                    protein_background=background,
                    library_genes=list(adata.var_names) if selection is not None and not binarize else None,
                    image=None if image_features is None else image_features.fitted_state(),
-                   inducing_method=method)
+                   inducing_method=method, input_axes=axes)
 
     @staticmethod
     def _select_genes(matrix, var_names: pd.Index, n_top_genes, binarize: bool, where: str, batch_key: str | None,
@@ -226,8 +242,18 @@ class DataSetup:
         return 0 if self.image is None else len(self.image["names"])
 
     @property
+    def n_gene_input(self) -> int:
+        """Width of the encoder's gene input: the number of principal axes, or of genes without them."""
+        return self.n_genes if self.input_axes is None else self.input_axes.shape[1]
+
+    @property
     def n_input(self) -> int:
-        """Width of the encoder input without section covariates (genes + proteins + image features)."""
+        """Width of the encoder input without section covariates (gene input + proteins + image features)."""
+        return self.n_gene_input + self.n_proteins + self.n_image_features
+
+    @property
+    def n_observed(self) -> int:
+        """Number of observed values per spot (genes + proteins + image features): the columns of a batch's counts."""
         return self.n_genes + self.n_proteins + self.n_image_features
 
     @property
@@ -356,7 +382,7 @@ def _checked_chunks(matrix, columns: np.ndarray | None, where: str,
 
 def _expression_statistics(matrix, columns: np.ndarray, binarize: bool, where: str, layer: str | None):
     """Checks and statistics in two streaming passes: library sizes over all genes, then per-gene mean/SD of the
-    encoder input of the model's genes (``columns``)."""
+    encoder input of the model's genes (``columns``). Returns the library sizes, their median, the mean and SD."""
     totals = np.zeros(matrix.shape[0])
     gene_totals = np.zeros(matrix.shape[1])
     for start, block in _checked_chunks(matrix, None, where, not binarize):
@@ -381,8 +407,8 @@ def _expression_statistics(matrix, columns: np.ndarray, binarize: bool, where: s
     mean = sums / n_spots
     variance = np.maximum(squares - n_spots * mean**2, 0.0) / max(n_spots - 1, 1)
     if binarize:  # spaPeakVAE: the binary matrix itself is the encoder input (no z-scoring)
-        return library_median, np.zeros(n_genes), np.ones(n_genes)
-    return library_median, mean, _safe_sd(np.sqrt(variance), mean)
+        return totals, library_median, np.zeros(n_genes), np.ones(n_genes)
+    return totals, library_median, mean, _safe_sd(np.sqrt(variance), mean)
 
 
 def _kmeans_inducing(scaled: Sequence[np.ndarray], n_points: int, *, given: bool, seed: int = 0) -> list[np.ndarray]:

@@ -78,6 +78,8 @@ class SpotData:
             raise ValueError("image= was given but the model has no image view; fit one with SpaVAE(adata, image=...)")
         self._mean = torch.as_tensor(setup.expression_mean, dtype=dtype, device=device)
         self._sd = torch.as_tensor(setup.expression_sd, dtype=dtype, device=device)
+        self._axes = None if setup.input_axes is None else \
+            torch.as_tensor(setup.input_axes, dtype=dtype, device=device)
 
     def __len__(self) -> int:
         return self.counts.shape[0]
@@ -94,11 +96,13 @@ class SpotData:
         return tensor.to(self.dtype)
 
     def normalize(self, counts: torch.Tensor, size_factors: torch.Tensor) -> torch.Tensor:
-        """Encoder input of gene counts: ``(log1p(counts / s) - mean) / sd`` with the fitted statistics."""
+        """Encoder input of gene counts: ``(log1p(counts / s) - mean) / sd`` with the fitted statistics, projected
+        onto the setup's principal axes when it has them (:mod:`spavae.data.input_axes`)."""
         if self.setup.binarize:
             return counts
         n = self.setup.n_genes
-        return (torch.log1p(counts / size_factors[:, None]) - self._mean[:n]) / self._sd[:n]
+        scaled = (torch.log1p(counts / size_factors[:, None]) - self._mean[:n]) / self._sd[:n]
+        return scaled if self._axes is None else scaled @ self._axes
 
     def batch(self, index) -> Batch:
         """The mini-batch of the spots at positions ``index`` (tensor or array), on the device."""
