@@ -115,7 +115,9 @@ class SpaVAE:
         spot pitch (docs/model.md, Location frame). ``'minmax'``: the original's per-axis min-max scaling to
         ``[0, loc_range]``.
     inducing, inducing_steps, n_inducing
-        ``'grid'``: ``(inducing_steps + 1)**2`` points (steps 6 = 49 points), one grid per section; ``'kmeans'``:
+        ``'grid'``: ``(inducing_steps + 1)**2`` points (steps 6 = 49 points), one grid per section; without
+        ``inducing_steps``, 13 x 13 on a section of up to 1,000 spots and the original's 7 x 7 above
+        (:func:`spavae.data.setup.auto_grid_steps`); ``'kmeans'``:
         ``n_inducing`` centroids of the scaled locations (default 49); ``'auto'``: the grid up to 20,000 spots, else
         ``n_spots / 500`` k-means centroids (49 to 300) that follow the tissue
         (:func:`spavae.data.setup.auto_inducing`). With several sections the k-means count (``n_inducing``, or the
@@ -159,7 +161,7 @@ class SpaVAE:
         loc_range: float = 20.0,
         location_frame: str = "aligned",
         inducing: str = "auto",
-        inducing_steps: int = 6,
+        inducing_steps: int | None = None,
         n_inducing: int | None = None,
         gp_n_obs: str = "all",
         dtype: str | torch.dtype = "float32",

@@ -10,7 +10,7 @@ import numpy as np
 
 from spavae.api import MODULE_DEFAULTS, SpaVAE
 from spavae.data.input_axes import AUTO_GENES_PER_SPOT
-from spavae.data.setup import AUTO_GENES_THRESHOLD, AUTO_TOP_GENES, GRID_MAX_SPOTS
+from spavae.data.setup import AUTO_GENES_THRESHOLD, AUTO_TOP_GENES, GRID_MAX_SPOTS, SMALL_SECTION_SPOTS
 
 
 def describe_choices(model: SpaVAE) -> list[str]:
@@ -40,6 +40,10 @@ def describe_choices(model: SpaVAE) -> list[str]:
                   f"inducing='auto': one per 500 spots (49 to 300) above {GRID_MAX_SPOTS:,} spots")
     else:
         reason = f"inducing={inducing!r}"
+    if method == "grid":
+        steps = params.get("inducing_steps")
+        reason += f"; inducing_steps={steps}" if steps is not None else \
+            f"; 13 x 13 on a section of up to {SMALL_SECTION_SPOTS:,} spots, 7 x 7 above"
     lines.append(f"inducing points: {len(setup.inducing_points)}, {placed}{_per_section(setup)} ({reason})")
     module = model.module
     lines.append(f"latent: {module.n_gp} GP + {module.n_gauss} Gaussian dimensions "

@@ -56,9 +56,10 @@ def test_run_on_labels_without_a_labelled_spot_finishes_like_unlabelled_data(tmp
     # the sizing choices, each with its reason
     assert "genes: all 30 (n_top_genes='auto': 6,000 genes or fewer" in printed.out
     assert re.search(r"inducing points: (\d+), a (\d+) x (\d+) grid over the section \(inducing='auto': a grid up to "
-                     r"20,000 spots\)", printed.out)
+                     r"20,000 spots; 13 x 13 on a section of up to 1,000 spots, 7 x 7 above\)", printed.out)
     points, side_x, side_y = map(int, re.search(r"inducing points: (\d+), a (\d+) x (\d+) grid", printed.out).groups())
-    assert points == side_x * side_y and abs(points - 49) <= 7
+    assert points == side_x * side_y and abs(points - 169) <= 13  # 144 spots: a small section
+    assert "encoder input: the genes (input_axes='auto': 0.21 genes per spot, 2 or fewer)" in printed.out
     assert "latent: 2 GP + 8 Gaussian dimensions (n_gp=2, the default, n_gauss=8, the default)" in printed.out
     assert (out / "n_domains_selection.csv").is_file() and (out / "results.h5ad").is_file()
 

@@ -105,7 +105,7 @@ def test_a_single_validation_spot_is_not_wasted(n_rows, n_cols, train_size, n_va
 
 def test_inducing_points_never_pass_through_float32(small_adata):
     """Item 12: 20/6 became 3.3333332538604736."""
-    model = spavae.SpaVAE(small_adata, seed=0, inducing="grid", location_frame="minmax", **SMALL)
+    model = spavae.SpaVAE(small_adata, seed=0, inducing="grid", inducing_steps=6, location_frame="minmax", **SMALL)
     points = model.module.gp.variational_strategy.inducing_points
     assert points.dtype == torch.float64
     assert float(points[:, 1].unique()[1]) == 20.0 / 6

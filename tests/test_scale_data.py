@@ -14,7 +14,8 @@ import torch
 import spavae
 from spavae.analysis import enhance, predict
 from spavae.data import setup as data_setup
-from spavae.data.setup import DataSetup, auto_inducing
+from spavae.data.inducing import grid_inducing_points
+from spavae.data.setup import DataSetup, auto_grid_steps, auto_inducing
 from spavae.train import split_indices
 
 FAST = {"max_epochs": 4, "progress": False}
@@ -229,6 +230,23 @@ def test_auto_inducing_rule_and_points_follow_the_tissue():
     distance, _ = cKDTree(scaled).query(setup.inducing_points)
     assert setup.inducing_points.shape == (30, 2)
     assert distance.max() < 1.0  # every point sits in the tissue (the L's empty corner is 14 x 14 units)
+
+
+def test_a_small_section_gets_a_13_by_13_grid_and_each_section_its_own_by_its_spots():
+    assert (auto_grid_steps(200), auto_grid_steps(1000), auto_grid_steps(1001), auto_grid_steps(4000)) == (12, 12, 6, 6)
+    small = spavae.simulate_spatial_counts(n_rows=20, n_cols=20, n_genes=60, seed=0)  # 400 spots, a square
+    large = spavae.simulate_spatial_counts(n_rows=40, n_cols=40, n_genes=60, seed=0)  # 1,600 spots
+    counts = []
+    for adata, options, steps in ((small, {}, 12), (large, {}, 6), (small, {"inducing_steps": 6}, 6)):
+        setup = DataSetup.fit(adata, **options)
+        np.testing.assert_array_equal(setup.inducing_points, grid_inducing_points(steps, setup.frames[0].extent))
+        counts.append(len(setup.inducing_points))
+    assert abs(counts[0] - 169) <= 13 and abs(counts[1] - 49) <= 7  # about (steps + 1)^2
+    small.obs["section"], large.obs["section"] = "small", "large"
+    small.obs_names, large.obs_names = [f"s{i}" for i in range(small.n_obs)], [f"l{i}" for i in range(large.n_obs)]
+    both = DataSetup.fit(ad.concat([small, large]), batch_key="section")
+    per_section = both.inducing_points[:, 2:].sum(0)  # one-hot section columns; sections are sorted: large, small
+    assert per_section.tolist() == [counts[1], counts[0]]
 
 
 def test_whole_transcriptome_input_is_reduced_to_highly_variable_genes(monkeypatch):

@@ -85,6 +85,11 @@ def one_thread():
     torch.set_num_threads(1)
 
 
+#: The 7 x 7 grid of the calibration in docs/sweeps.md (the default gives these 144 spots 13 x 13, and five
+#: per-dimension kernels over 169 points make every null model slower).
+GRID_STEPS = 6
+
+
 @pytest.fixture(scope="module")
 def svg_model():
     """A small spaLDVAE on 144 spots with 30 planted spatial and 70 non-spatial genes.
@@ -93,7 +98,8 @@ def svg_model():
     nothing yet and every gene looked the same (docs/sweeps.md)."""
     torch.set_num_threads(1)
     adata = simulate_svg_counts(n_rows=12, n_cols=12, seed=0)
-    model = spavae.SpaVAE.from_variant("spaLDVAE", adata, n_gp=5, encoder_layers=(32, 16), device="cpu")
+    model = spavae.SpaVAE.from_variant("spaLDVAE", adata, n_gp=5, encoder_layers=(32, 16), device="cpu",
+                                       inducing_steps=GRID_STEPS)
     train = VARIANTS["spaLDVAE"]["train"] | {"beta": 1.0, "max_epochs": 30, "lr": 0.02, "progress": False}
     model.train(**train)
     return adata, model, train
@@ -118,7 +124,8 @@ def quick_model(svg_model):
     it) test the mechanics of the permutation null."""
     adata, _, train = svg_model
     torch.set_num_threads(1)
-    model = spavae.SpaVAE.from_variant("spaLDVAE", adata, n_gp=5, encoder_layers=(32, 16), device="cpu")
+    model = spavae.SpaVAE.from_variant("spaLDVAE", adata, n_gp=5, encoder_layers=(32, 16), device="cpu",
+                                       inducing_steps=GRID_STEPS)
     model.train(**(train | {"max_epochs": 3}))
     return model
 

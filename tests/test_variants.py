@@ -173,7 +173,7 @@ def test_linear_decoder_and_spatial_score_formula():
 @pytest.mark.slow
 def test_svg_ranking_finds_planted_spatial_genes_and_permutations_give_pvalues():
     adata = simulate_svg_counts(seed=0)
-    model = spavae.SpaVAE.from_variant("spaLDVAE", adata, n_gp=5, device="cpu")
+    model = spavae.SpaVAE.from_variant("spaLDVAE", adata, n_gp=5, device="cpu", inducing_steps=6)  # as docs/sweeps.md
     train = VARIANTS["spaLDVAE"]["train"] | {"beta": 1.0, "max_epochs": 120}
     model.train(progress=False, **train)
     table = spatially_variable_genes(adata, model, n_permutations=1, pooled=True, center=False)

@@ -55,9 +55,15 @@ MIN_GENES = 2
 AUTO_GENES_THRESHOLD = 6000
 #: Number of highly variable genes kept by default (the Seurat/scanpy default).
 AUTO_TOP_GENES = 2000
-#: Up to this many spots the inducing points are the original's 7 x 7 grid; above, k-means centroids that follow
+#: Up to this many spots the inducing points are a grid over each section; above, k-means centroids that follow
 #: the tissue (see :func:`auto_inducing`).
 GRID_MAX_SPOTS = 20_000
+#: Grid steps of a section (``(steps + 1)**2`` points) when ``inducing_steps`` is not given: the original's 7 x 7.
+GRID_STEPS = 6
+#: Grid steps of a section of at most :data:`SMALL_SECTION_SPOTS` spots: 13 x 13 (see :func:`auto_grid_steps`).
+SMALL_SECTION_GRID_STEPS = 12
+#: A section of at most this many spots is small (see :func:`auto_grid_steps`).
+SMALL_SECTION_SPOTS = 1000
 #: K-means inducing points of ``inducing='kmeans'`` when ``n_inducing`` is not given.
 DEFAULT_KMEANS_INDUCING = 49
 #: With several sections, the k-means inducing points the model chooses are shared among the sections in
@@ -66,7 +72,10 @@ MIN_SECTION_INDUCING = 4
 
 
 def auto_inducing(n_spots: int) -> tuple[str, int]:
-    """The inducing rule of ``inducing='auto'``: ``('grid', 49)`` up to 20,000 spots, else k-means centroids.
+    """The inducing rule of ``inducing='auto'``: ``'grid'`` up to 20,000 spots, else ``'kmeans'`` and a count.
+
+    A grid is laid over each section, of ``inducing_steps`` steps or else :func:`auto_grid_steps` of the section's
+    spots (the count returned with ``'grid'`` is not used).
 
     The k-means count is ``n_spots / 500`` clipped to ``[49, 300]``: each inducing point is supported by about
     500 spots, and the cap keeps the ``O(b p^2 + p^3)`` GP part of a step below the networks' part
@@ -78,6 +87,20 @@ def auto_inducing(n_spots: int) -> tuple[str, int]:
     if n_spots <= GRID_MAX_SPOTS:
         return "grid", 49
     return "kmeans", int(np.clip(n_spots // 500, 49, 300))
+
+
+def auto_grid_steps(n_spots: int) -> int:
+    """Grid steps of a section of ``n_spots`` spots when ``inducing_steps`` is not given: 12 (169 points) up to
+    :data:`SMALL_SECTION_SPOTS` spots, else 6 (the original's 49).
+
+    A section of a few hundred spots resolves domains only a few spots wide (tumour regions, olfactory-bulb
+    layers); a 7 x 7 grid there is 2.5-4 spot pitches apart, as wide as such a domain, and 13 x 13 puts it at
+    1.2-2. On the development panel 169 points raised every section of 200-500 spots (+0.01 to +0.08 ARI, 3 seeds)
+    but cost the Visium DLPFC sections of 3,600-4,600 spots 0.02-0.06, whose layers are tens of spots wide
+    (``benchmarks/results/inducing_density.jsonl``, docs/sizing.md). The bound sits at the original's batch-size
+    step (128-spot batches up to 1,024 spots).
+    """
+    return SMALL_SECTION_GRID_STEPS if n_spots <= SMALL_SECTION_SPOTS else GRID_STEPS
 
 
 def _unique_names(names: pd.Index, what: str, fix: str) -> None:
@@ -125,7 +148,7 @@ class DataSetup:
     def fit(cls, adata: ad.AnnData, *, layer: str | None = None, spatial_key: str = "spatial",
             batch_key: str | None = None, protein_key: str | None = None, likelihood: str = "nb",
             n_top_genes: int | str | None = "auto", loc_range: float = 20.0, location_frame: str = "aligned",
-            inducing: str = "auto", inducing_steps: int = 6, n_inducing: int | None = None,
+            inducing: str = "auto", inducing_steps: int | None = None, n_inducing: int | None = None,
             input_axes: int | str | None = "auto", seed: int = 0,
             image_features: ImageFeatures | None = None) -> DataSetup:
         """Fit the setup on the training AnnData (see :class:`~spavae.SpaVAE` for the parameters).
@@ -188,7 +211,8 @@ class DataSetup:
         method, n_points = auto_inducing(adata.n_obs) if inducing == "auto" else \
             (inducing, n_inducing or DEFAULT_KMEANS_INDUCING)
         if method == "grid":
-            points = [grid_inducing_points(inducing_steps, frame.extent) for frame in frames]
+            points = [grid_inducing_points(auto_grid_steps(int((codes == index).sum())) if inducing_steps is None
+                                           else inducing_steps, frame.extent) for index, frame in enumerate(frames)]
         else:
             scaled = [frame.transform(locations[codes == index]) for index, frame in enumerate(frames)]
             points = _kmeans_inducing(scaled, n_points, given=inducing == "kmeans" and n_inducing is not None,
