@@ -108,7 +108,8 @@ def run_case(name: str, kind: str, argument, seed: int, model_options: dict, tra
     held_out = None if best is None else \
         round(float(best[["val_nb", "val_kl_gp", "val_kl_gauss", "val_kl_other"]].sum()), 3)
     row |= {"model_genes": model.setup.n_genes, "input_axes": None if model.setup.input_axes is None else
-            model.setup.n_gene_input, "kernel_scale": None if scale is None else round(scale, 3),
+            model.setup.n_gene_input, "inducing_points": len(model.setup.inducing_points),
+            "kernel_scale": None if scale is None else round(scale, 3),
             "held_out_negative_elbo": held_out, "epochs": len(model.history), "seconds": round(seconds, 1),
             "stop_reason": model.trainer.state.stop_reason, "ari": round(scores["ari"], 4),
             "nmi": round(scores["nmi"], 4), "k_chosen": chosen, "ari_chosen_k": round(own["ari"], 4),
