@@ -4,7 +4,7 @@ On a section of a few hundred spots and 2,000 genes the encoder's first layer ha
 observations, and the z-scored expression of ``N`` spots spans at most ``N - 1`` directions, most of them noise
 (the sample covariance of ``G > N`` genes has the Marchenko-Pastur bulk up to ``(1 + sqrt(G/N))**2``). There the
 encoder reads the projection of the z-scored gene input onto its first :data:`AUTO_INPUT_AXES` principal axes
-instead of the genes (``docs/sizing.md``, "The encoder's input"); the decoder still models every gene.
+instead of the genes (``docs/sizing.md``: the rule, its reason and the panel); the decoder still models every gene.
 
 :func:`auto_input_axes` is the rule, :func:`fit_input_axes` fits the axes in one streaming pass over a seeded
 sample of at most :data:`MAX_AXES_SPOTS` spots (bytes: the sample's ``m x G`` float64 block, never ``N x G``).
@@ -23,8 +23,9 @@ from spavae.data.counts import row_chunks
 #: spots (``benchmarks/results/encoder_input.jsonl``).
 AUTO_INPUT_AXES = 10
 #: The rule applies when the model has more than this many genes per spot. The development panel has no section
-#: between 1.4 (Visium 151673) and 4 (the 500-spot simulator); 2 sits in the gap, where the noise edge of the
-#: sample covariance, ``(1 + sqrt(2))**2 = 5.8`` times a gene's variance, already hides most biological axes.
+#: between 1.4 (Visium 151673) and 4 (the 500-spot simulator); 2 sits in the gap. At 2 genes per spot the noise
+#: edge of the sample covariance is already ``(1 + sqrt(2))**2 = 5.8`` times a gene's variance: weaker axes cannot
+#: be told from noise.
 AUTO_GENES_PER_SPOT = 2.0
 #: The axes are fitted on a seeded sample of at most this many spots.
 MAX_AXES_SPOTS = 2000
