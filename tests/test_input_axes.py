@@ -130,3 +130,17 @@ def test_more_axes_than_the_spots_allow_or_on_peaks_are_refused(wide):
     with pytest.raises(ValueError, match="binarised peaks .* give input_axes=None"):
         DataSetup.fit(wide, likelihood="bernoulli", input_axes=5)
     assert DataSetup.fit(wide, likelihood="bernoulli").input_axes is None
+
+
+def test_a_multi_section_model_projects_both_sections_onto_one_set_of_axes(wide, tmp_path):
+    import anndata as ad
+
+    first, second = wide[:32].copy(), wide[32:].copy()
+    first.obs["section"], second.obs["section"] = "a", "b"
+    both = ad.concat([first, second])
+    model = spavae.SpaVAE(both, batch_key="section", seed=0).train(max_epochs=2, progress=False)
+    assert model.setup.input_axes.shape == (300, AUTO_INPUT_AXES)
+    assert model.module.encoder.trunk[0].in_features == AUTO_INPUT_AXES + 2  # axes + one-hot section
+    model.save(tmp_path / "model.pt")
+    loaded = spavae.SpaVAE.load(tmp_path / "model.pt", both[both.obs["section"] == "b"].copy())
+    np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation()[32:])
