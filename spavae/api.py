@@ -116,7 +116,7 @@ class SpaVAE:
         ``[0, loc_range]``.
     inducing, inducing_steps, n_inducing
         ``'grid'``: ``(inducing_steps + 1)**2`` points (steps 6 = 49 points), one grid per section; without
-        ``inducing_steps``, 13 x 13 on a section of up to 1,000 spots and the original's 7 x 7 above
+        ``inducing_steps``, 13 x 13 on a section of up to 2,000 spots and the original's 7 x 7 above
         (:func:`spavae.data.setup.auto_grid_steps`); ``'kmeans'``:
         ``n_inducing`` centroids of the scaled locations (default 49); ``'auto'``: the grid up to 20,000 spots, else
         ``n_spots / 500`` k-means centroids (49 to 300) that follow the tissue

@@ -56,7 +56,7 @@ def test_run_on_labels_without_a_labelled_spot_finishes_like_unlabelled_data(tmp
     # the sizing choices, each with its reason
     assert "genes: all 30 (n_top_genes='auto': 6,000 genes or fewer" in printed.out
     assert re.search(r"inducing points: (\d+), a (\d+) x (\d+) grid over the section \(inducing='auto': a grid up to "
-                     r"20,000 spots; 13 x 13 on a section of up to 1,000 spots, 7 x 7 above\)", printed.out)
+                     r"20,000 spots; 13 x 13 on a section of up to 2,000 spots, 7 x 7 above\)", printed.out)
     points, side_x, side_y = map(int, re.search(r"inducing points: (\d+), a (\d+) x (\d+) grid", printed.out).groups())
     assert points == side_x * side_y and abs(points - 169) <= 13  # 144 spots: a small section
     assert "encoder input: the genes (input_axes='auto': 0.21 genes per spot, 2 or fewer)" in printed.out

@@ -233,9 +233,9 @@ def test_auto_inducing_rule_and_points_follow_the_tissue():
 
 
 def test_a_small_section_gets_a_13_by_13_grid_and_each_section_its_own_by_its_spots():
-    assert (auto_grid_steps(200), auto_grid_steps(1000), auto_grid_steps(1001), auto_grid_steps(4000)) == (12, 12, 6, 6)
+    assert (auto_grid_steps(200), auto_grid_steps(2000), auto_grid_steps(2001), auto_grid_steps(4000)) == (12, 12, 6, 6)
     small = spavae.simulate_spatial_counts(n_rows=20, n_cols=20, n_genes=60, seed=0)  # 400 spots, a square
-    large = spavae.simulate_spatial_counts(n_rows=40, n_cols=40, n_genes=60, seed=0)  # 1,600 spots
+    large = spavae.simulate_spatial_counts(n_rows=48, n_cols=48, n_genes=60, seed=0)  # 2,304 spots
     counts = []
     for adata, options, steps in ((small, {}, 12), (large, {}, 6), (small, {"inducing_steps": 6}, 6)):
         setup = DataSetup.fit(adata, **options)

@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--patience", type=int, default=50, help="early-stopping patience (epochs)")
     run.add_argument("--kernel", default="cauchy", choices=["cauchy", "eq"], help="GP kernel")
     run.add_argument("--inducing-steps", type=int, default=None,
-                     help="grid inducing points: (steps+1)^2 points (default: 12 up to 1,000 spots, else 6)")
+                     help="grid inducing points: (steps+1)^2 points (default: 12 up to 2,000 spots, else 6)")
     run.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="network dtype")
     run.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     run.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

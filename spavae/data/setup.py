@@ -63,7 +63,7 @@ GRID_STEPS = 6
 #: Grid steps of a section of at most :data:`SMALL_SECTION_SPOTS` spots: 13 x 13 (see :func:`auto_grid_steps`).
 SMALL_SECTION_GRID_STEPS = 12
 #: A section of at most this many spots is small (see :func:`auto_grid_steps`).
-SMALL_SECTION_SPOTS = 1000
+SMALL_SECTION_SPOTS = 2000
 #: K-means inducing points of ``inducing='kmeans'`` when ``n_inducing`` is not given.
 DEFAULT_KMEANS_INDUCING = 49
 #: With several sections, the k-means inducing points the model chooses are shared among the sections in
@@ -95,10 +95,10 @@ def auto_grid_steps(n_spots: int) -> int:
 
     A section of a few hundred spots resolves domains only a few spots wide (tumour regions, olfactory-bulb
     layers); a 7 x 7 grid there is 2.5-4 spot pitches apart, as wide as such a domain, and 13 x 13 puts it at
-    1.2-2. On the development panel 169 points raised every section of 200-500 spots (+0.01 to +0.08 ARI, 3 seeds)
-    but cost the sections of 1,200-4,800 spots 0.015-0.056 (seed 0; the DLPFC layers are tens of spots wide), and
-    raised the 1,049-spot STARmap section by 0.04 (``benchmarks/results/inducing_density.jsonl``, docs/sizing.md).
-    The bound sits at the original's batch-size step (128-spot batches up to 1,024 spots).
+    1.2-2. On the development panel 169 points raised every section of 200-1,207 spots (+0.01 to +0.08 ARI, 3 seeds)
+    but cost the sections of 3,639-4,839 spots 0.015-0.056 (seed 0; the DLPFC layers are tens of spots wide;
+    ``benchmarks/results/inducing_density.jsonl``, docs/sizing.md). The bound sits in that gap, at the original's
+    batch-size step (256-spot batches up to 2,048 spots).
     """
     return SMALL_SECTION_GRID_STEPS if n_spots <= SMALL_SECTION_SPOTS else GRID_STEPS
 
