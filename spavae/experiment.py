@@ -381,8 +381,8 @@ def evaluate(run_dir: str | os.PathLike, *, log_config: str | os.PathLike | None
         lattice = visium_array_to_xy(locations) if ev.lattice == "visium_array" else locations
         found = cluster_domains(latent, lattice, ev.n_domains, refine=ev.refine, truth=truth, unlabeled=UNLABELLED,
                                 n_init=ev.kmeans_n_init, seed=config.trainer.seed)
-        if found.chosen_by == "silhouette":
-            logger.info("chose %d domains by the silhouette of KMeans on the latent (no labelled spot)",
+        if found.chosen_by == "leiden":
+            logger.info("chose %d domains by counting the Leiden communities of the latent (no labelled spot)",
                         found.n_domains)
         domains = found.labels
         refined = domains if found.refined is None else found.refined

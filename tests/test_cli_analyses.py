@@ -14,14 +14,18 @@ import pandas as pd
 import pytest
 import torch
 from matplotlib.colors import is_color_like
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 from sklearn.metrics import roc_auc_score, silhouette_score
+from sklearn.neighbors import kneighbors_graph
 from threadpoolctl import threadpool_limits
 
 import spavae
-from spavae.analysis import choose_n_domains, cluster_domains, domain_colors, find_domains, spatial_coherence
+from spavae.analysis import (choose_n_domains, cluster_domains, count_leiden_communities, domain_colors, find_domains,
+                             spatial_coherence)
 from spavae.analysis.svg import spatial_scores
 from spavae.cli import build_parser, main
+from spavae.cli.domains import describe_choice
 
 N_DOMAINS = 3
 HEX = re.compile(r"^#[0-9a-f]{6}$")
@@ -78,18 +82,43 @@ def test_spatial_coherence_matches_a_hand_count():
         spatial_coherence(labels, line, n_neighbors=10)
 
 
-@pytest.mark.parametrize("n_planted", [3, 4, 6])
-def test_choose_n_domains_finds_the_planted_number_on_a_separating_latent(n_planted):
+def separated_domains_latent(n_planted: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A latent whose planted domains are far apart (distance 4.2 against a spread of 0.5 per dimension)."""
     adata = spavae.simulate_spatial_counts(n_rows=16, n_cols=16, n_genes=10, n_domains=n_planted, seed=n_planted)
     truth = adata.obs["ground_truth"].cat.codes.to_numpy()
     rng = np.random.default_rng(0)
-    latent = 3.0 * np.eye(n_planted, 10)[truth] + 0.5 * rng.normal(size=(adata.n_obs, 10))
-    k, table = choose_n_domains(latent, adata.obsm["spatial"], k_range=range(2, 10))
+    return 3.0 * np.eye(n_planted, 10)[truth] + 0.5 * rng.normal(size=(adata.n_obs, 10)), truth, adata.obsm["spatial"]
+
+
+@pytest.mark.parametrize("criterion", ["leiden", "silhouette"])
+@pytest.mark.parametrize("n_planted", [3, 4, 6])
+def test_choose_n_domains_finds_the_planted_number_on_a_separating_latent(n_planted, criterion):
+    latent, truth, locations = separated_domains_latent(n_planted)
+    k, table = choose_n_domains(latent, locations, k_range=range(2, 10), criterion=criterion)
     assert k == n_planted
+    if criterion == "leiden":
+        assert table.attrs["leiden_communities"] == n_planted
     assert list(table.index) == list(range(2, 10)) and table["chosen"].sum() == 1 and table.loc[k, "chosen"]
     # at the planted k KMeans recovers the domains, so the silhouette is that of the true labels
     assert table.loc[k, "silhouette"] == pytest.approx(silhouette_score(latent, truth))
-    assert table.loc[k, "spatial_coherence"] == pytest.approx(spatial_coherence(truth, adata.obsm["spatial"]))
+    assert table.loc[k, "spatial_coherence"] == pytest.approx(spatial_coherence(truth, locations))
+
+
+def test_the_leiden_count_is_brought_into_the_range_and_said_so():
+    latent, _, locations = separated_domains_latent(3)
+    knn = kneighbors_graph(latent, 20)  # three domains apart: three pieces of the graph, and three communities
+    assert connected_components(knn + knn.T)[0] == 3 == count_leiden_communities(latent)
+    k, table = choose_n_domains(latent, locations, k_range=range(4, 8))
+    assert k == 4 and table.attrs["leiden_communities"] == 3 and table.loc[4, "chosen"] and table["chosen"].sum() == 1
+    assert describe_choice(k, "leiden", table).startswith(
+        "4 domains: the latent's graph has 3 Leiden communities at resolution 0.3, brought into k = 4..7 ")
+    k, table = choose_n_domains(latent, locations, k_range=range(2, 8))
+    assert describe_choice(k, "leiden", table).startswith(
+        "3 domains: the latent's graph has 3 Leiden communities at resolution 0.3 (")
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        choose_n_domains(latent, locations, criterion="gap")
+    with pytest.raises(ValueError, match="resolution must be positive"):
+        count_leiden_communities(latent, resolution=0.0)
 
 
 def test_cluster_domains_takes_the_number_from_labelled_spots_only():
@@ -99,7 +128,7 @@ def test_cluster_domains_takes_the_number_from_labelled_spots_only():
     locations = adata.obsm["spatial"]
     unlabelled = np.array(["NA"] * (adata.n_obs - 1) + [None], dtype=object)
     found = cluster_domains(latent, locations, None, truth=unlabelled, k_range=range(2, 5), n_init=2)
-    assert found.chosen_by == "silhouette" and found.n_domains == 3 and found.scores is None
+    assert found.chosen_by == "leiden" and found.n_domains == 3 and found.scores is None
     assert found.selection is not None and found.refined is None
     partly = np.where(np.arange(adata.n_obs) % 2 == 0, codes.astype(str), "NA").astype(object)
     found = cluster_domains(latent, locations, None, refine="hexagon", truth=partly, n_init=2)
@@ -123,12 +152,28 @@ def test_run_without_labels_chooses_and_reports_the_number_of_domains(trained):
     _, run, printed = trained
     metrics = json.loads((run / "metrics.json").read_text())
     table = pd.read_csv(run / "n_domains_selection.csv", index_col="k")
-    assert metrics["n_domains_chosen_by"] == "silhouette"
-    assert metrics["n_domains"] == int(table["silhouette"].idxmax()) == int(table.index[table["chosen"]][0])
+    assert metrics["n_domains_chosen_by"] == "leiden"
+    assert metrics["n_domains"] == int(table.index[table["chosen"]][0])
     assert list(table.index) == list(range(3, 13))
-    assert f"{metrics['n_domains']} domains: the highest silhouette" in printed
+    count = int(re.search(rf"{metrics['n_domains']} domains: the latent's graph has (\d+) Leiden communities",
+                          printed).group(1))
+    assert metrics["n_domains"] == min(max(count, 3), 12)
     results = ad.read_h5ad(run / "results.h5ad")
     assert len(results.obs["spavae_domain"].cat.categories) == metrics["n_domains"]
+
+
+def test_run_reports_the_active_dimensions_of_its_latent(trained):
+    _, run, printed = trained
+    latent = pd.read_csv(run / "latent.csv", index_col=0)
+    variance = latent.var(ddof=0)
+    gp_columns = [c for c in latent.columns if "gp" in c.lower()]
+    assert len(gp_columns) == 2
+    expected = {"gp": int((variance[gp_columns] > 0.01).sum()),
+                "gaussian": int((variance.drop(gp_columns) > 0.01).sum())}
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["active_dimensions"] == expected
+    assert (f"latent used: {sum(expected.values())} of 10 dimensions active ({expected['gp']} of 2 GP, "
+            f"{expected['gaussian']} of 8 Gaussian") in printed
 
 
 # ------------------------------------------------------------------ colours
@@ -149,7 +194,7 @@ def test_find_domains_writes_one_hex_colour_per_category(section):
         assert_scanpy_colours(adata, key)
         assert list(adata.uns[f"{key}_colors"]) == domain_colors(3) == ["#1f77b4", "#ff7f0e", "#2ca02c"]
     find_domains(adata, "auto", k_range=range(2, 6), n_init=2, key_added="auto")
-    assert adata.uns["auto"]["n_domains"] == N_DOMAINS and adata.uns["auto"]["selection"]["rule"] == "silhouette"
+    assert adata.uns["auto"]["n_domains"] == N_DOMAINS and adata.uns["auto"]["selection"]["rule"] == "leiden"
     assert_scanpy_colours(adata, "auto")
     with pytest.raises(ValueError, match="'auto'"):
         find_domains(adata, "many")
@@ -191,7 +236,7 @@ def test_domains_command(trained, section):
     folder = run / "domains"
     summary = json.loads((folder / "summary.json").read_text())
     table = pd.read_csv(folder / "n_domains_selection.csv", index_col="k")
-    assert summary["n_domains"] == int(table["silhouette"].idxmax())
+    assert summary["n_domains"] == int(table.index[table["chosen"]][0])
     assert abs(summary["n_domains"] - N_DOMAINS) <= 1  # a short training: the planted number or one off
     domains = pd.read_csv(folder / "domains.csv", index_col="spot")
     assert list(domains.index) == list(section.obs_names)

@@ -7,6 +7,7 @@ from spavae.analysis.domains import (
     Domains,
     choose_n_domains,
     cluster_domains,
+    count_leiden_communities,
     domain_colors,
     find_domains,
     leiden_n_domains,
@@ -14,6 +15,7 @@ from spavae.analysis.domains import (
     spatial_coherence,
 )
 from spavae.analysis.embedding import umap
+from spavae.analysis.latent_activity import active_dimensions
 from spavae.analysis.enhance import enhance, enhancement_locations
 from spavae.analysis.prediction import predict, predict_latent
 from spavae.analysis.runs import TrainedRun, open_run
@@ -22,9 +24,11 @@ from spavae.analysis.spatial_stats import knn_weights, morans_i, spatial_autocor
 __all__ = [
     "Domains",
     "TrainedRun",
+    "active_dimensions",
     "choose_n_domains",
     "cluster_domains",
     "cluster_kmeans",
+    "count_leiden_communities",
     "denoise",
     "denoised_samples",
     "differential_expression",

@@ -1,7 +1,8 @@
 """Command line of spavae.
 
 * ``spavae run [INPUT]`` trains spaVAE and writes the latent, domains and a plot (without INPUT: a simulated
-  section with planted domains); without labels it chooses the number of domains by the silhouette;
+  section with planted domains); without labels it chooses the number of domains by counting Leiden
+  communities of the latent;
 * ``spavae train -c CONFIG`` trains an experiment config into ``<save_dir>/<name>/`` (checkpoints, logs,
   TensorBoard events) and evaluates it; ``spavae resume RUN_DIR`` continues an interrupted run from its last
   checkpoint; ``spavae evaluate RUN_DIR`` writes the latent, domains, scores and figures of a run

@@ -10,7 +10,7 @@ import pandas as pd
 from scipy import sparse
 
 from spavae.analysis.clustering import NEIGHBOURS, visium_array_to_xy
-from spavae.analysis.domains import DEFAULT_K_RANGE, METHODS, find_domains
+from spavae.analysis.domains import AUTO_RESOLUTION, DEFAULT_K_RANGE, METHODS, find_domains
 from spavae.cli.outputs import Outputs
 from spavae.cli.parser import analysis_parser, whole_number
 from spavae.cli.source import open_source
@@ -38,21 +38,24 @@ def k_range_value(text: str) -> range:
 def add_n_domains_options(parser: argparse.ArgumentParser) -> None:
     """--n-domains and --k-range."""
     parser.add_argument("--n-domains", type=n_domains_value, metavar="K|auto",
-                        help="number of domains, or 'auto': the k of --k-range with the highest silhouette of KMeans "
-                             "on the latent; when not given, the number of distinct non-NA ground-truth labels if "
-                             "the data has labels, else auto")
+                        help="number of domains, or 'auto': the number of Leiden communities of the latent's "
+                             f"20-neighbour graph at resolution {AUTO_RESOLUTION}, brought into --k-range; when "
+                             "not given, the number of distinct non-NA ground-truth labels if the data has labels, "
+                             "else auto")
     parser.add_argument("--k-range", type=k_range_value, default=f"{DEFAULT_K_RANGE.start}:{DEFAULT_K_RANGE.stop - 1}",
                         metavar="LOW:HIGH", help="candidate numbers of domains for auto, both ends included "
                                                  "(default: %(default)s)")
 
 
 def describe_choice(n_domains: int, chosen_by: str, table: pd.DataFrame | None) -> str:
-    """The line that says how many domains were found and how that number was chosen (``table``: the silhouette
-    table of :func:`~spavae.analysis.choose_n_domains` when it was chosen by the silhouette)."""
-    if chosen_by == "silhouette":
-        return (f"{n_domains} domains: the highest silhouette of KMeans on the latent over k = "
-                f"{table.index.min()}..{table.index.max()} ({table.loc[n_domains, 'silhouette']:.3f}; "
-                "give --n-domains K to choose yourself)")
+    """The line that says how many domains were found and how that number was chosen (``table``: the table of
+    :func:`~spavae.analysis.choose_n_domains` when it was chosen from the latent)."""
+    if chosen_by == "leiden":
+        count = table.attrs["leiden_communities"]
+        within = "" if count == n_domains else f", brought into k = {table.index.min()}..{table.index.max()}"
+        return (f"{n_domains} domains: the latent's graph has {count} Leiden communities at resolution "
+                f"{AUTO_RESOLUTION}{within} (n_domains_selection.csv has the silhouette of every k; give "
+                "--n-domains K to choose yourself)")
     return f"{n_domains} domains ({'the number of labelled domains' if chosen_by == 'labels' else 'as given'})"
 
 
@@ -74,7 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  domains.png                the domains in space, next to the ground truth when the data has labels\n"
         "  summary.json               number of domains and how it was chosen, method, Leiden resolution,\n"
         "                             ARI/NMI against the labels when there are labels\n"
-        "  n_domains_selection.csv    with auto: silhouette and spatial coherence of every k of --k-range")
+        "  n_domains_selection.csv    with auto: silhouette and spatial coherence of every k of --k-range "
+        "and the chosen one")
     add_n_domains_options(domains)
     domains.add_argument("--method", choices=METHODS, default="kmeans",
                          help="KMeans (100 restarts), or Leiden with the resolution searched to give the number of "
@@ -103,6 +107,7 @@ def domains_command(args: argparse.Namespace) -> None:
         selection = pd.DataFrame({k: info["selection"][k] for k in ("silhouette", "spatial_coherence")},
                                  index=pd.Index(info["selection"]["k"], name="k"))
         selection["chosen"] = selection.index == info["n_domains"]
+        selection.attrs["leiden_communities"] = info["selection"]["leiden_communities"]
     print(describe_choice(info["n_domains"], info["n_domains_chosen_by"], selection), flush=True)
     if truth_key is not None and "scores" not in info:
         print(unscored_line(adata.n_obs), flush=True)

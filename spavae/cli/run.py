@@ -14,6 +14,7 @@ import torch
 
 from spavae import __version__
 from spavae.analysis.domains import cluster_domains, write_domain_columns
+from spavae.analysis.latent_activity import active_dimensions, describe_active_dimensions
 from spavae.api import SpaVAE
 from spavae.choices import describe_choices
 from spavae.cli.domains import add_n_domains_options, describe_choice, unscored_line
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "model's genes as SpaVAE.write_results writes them), latent.csv, domains.png, "
                                      "training.png, model.pt, metrics.json (with the number of domains and how it was "
                                      "chosen), domains_on_image.png when the input has a tissue image and, when the "
-                                     "number of domains was chosen by the silhouette, n_domains_selection.csv. An "
+                                     "number of domains was chosen from the latent, n_domains_selection.csv. An "
                                      "--out folder that holds the outputs of an earlier run is refused unless "
                                      "--overwrite is given.")
     run.add_argument("input", nargs="?", help="a Space Ranger Visium or Visium HD folder, a Xenium folder, a "
@@ -103,6 +104,8 @@ def run_command(args: argparse.Namespace) -> dict:
     model.train(max_epochs=args.epochs, lr=args.lr, patience=args.patience, progress=not args.quiet)
     seconds = time.perf_counter() - start
     model.write_results(adata)
+    active = active_dimensions(adata.obsm["X_spavae"])
+    print(describe_active_dimensions(active, model.module.n_gp), flush=True)
     domains = cluster_domains(adata.obsm["X_spavae"], adata.obsm["spatial"], args.n_domains, refine="hexagon",
                               truth=truth, unlabeled=UNLABELLED, k_range=args.k_range, seed=args.seed)
     print(describe_choice(domains.n_domains, domains.chosen_by, domains.selection), flush=True)
@@ -110,6 +113,8 @@ def run_command(args: argparse.Namespace) -> dict:
                          domains.n_domains)
     metrics = {"input": source, "n_spots": adata.n_obs, "n_genes": adata.n_vars, "n_domains": domains.n_domains,
                "n_domains_chosen_by": domains.chosen_by, "epochs": int(len(model.history)),
+               "active_dimensions": {"gp": int(active[:model.module.n_gp].sum()),
+                                     "gaussian": int(active[model.module.n_gp:].sum())},
                "train_seconds": round(seconds, 2)}
     if args.image is not None:
         metrics["image"] = model.summary()["image"] | {
