@@ -15,8 +15,8 @@ from spavae.analysis.domains import (
     spatial_coherence,
 )
 from spavae.analysis.embedding import umap
-from spavae.analysis.latent_activity import active_dimensions
 from spavae.analysis.enhance import enhance, enhancement_locations
+from spavae.analysis.latent_activity import active_dimensions
 from spavae.analysis.prediction import predict, predict_latent
 from spavae.analysis.runs import TrainedRun, open_run
 from spavae.analysis.spatial_stats import knn_weights, morans_i, spatial_autocorr
