@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spavae.analysis.latent_activity import active_dimensions
+from spavae.analysis.latent_activity import active_dimensions, count_active
 
 
 def main() -> None:
@@ -30,8 +30,7 @@ def main() -> None:
     for path in sorted(args.latents.glob("*_seed*.npz")):
         case, seed = re.fullmatch(r"(.+)_seed(\d+)", path.stem).groups()
         latent = np.load(path, allow_pickle=False)["latent"].astype(np.float64)
-        active = active_dimensions(latent)
-        gp, gaussian = int(active[:args.n_gp].sum()), int(active[args.n_gp:].sum())
+        gp, gaussian = count_active(active_dimensions(latent), args.n_gp).values()
         counts[case].append((gp, gaussian))
         print(json.dumps({"case": case, "seed": int(seed), "n_spots": len(latent), "active_gp": gp,
                           "active_gaussian": gaussian,

@@ -42,7 +42,7 @@ import torch
 import spavae
 from spavae.analysis import cluster_kmeans, score_clustering, visium_array_to_xy
 from spavae.analysis.domains import choose_n_domains
-from spavae.analysis.latent_activity import active_dimensions
+from spavae.analysis.latent_activity import active_dimensions, count_active
 from spavae.data import filter_empty
 from spavae.data.simulate import simulate_many_genes_section
 
@@ -108,12 +108,11 @@ def run_case(name: str, kind: str, argument, seed: int, model_options: dict, tra
     best = model.history.loc[model.history["val_loss"].idxmin()] if "val_loss" in model.history else None
     held_out = None if best is None else \
         round(float(best[["val_nb", "val_kl_gp", "val_kl_gauss", "val_kl_other"]].sum()), 3)
-    active = active_dimensions(latent)
+    active = count_active(active_dimensions(latent), model.module.n_gp)
     row |= {"model_genes": model.setup.n_genes, "input_axes": None if model.setup.input_axes is None else
             model.setup.n_gene_input, "inducing_points": len(model.setup.inducing_points),
             "kernel_scale": None if scale is None else round(scale, 3),
-            "active_gp": int(active[:model.module.n_gp].sum()),
-            "active_gaussian": int(active[model.module.n_gp:].sum()),
+            "active_gp": active["gp"], "active_gaussian": active["gaussian"],
             "held_out_negative_elbo": held_out, "epochs": len(model.history), "seconds": round(seconds, 1),
             "stop_reason": model.trainer.state.stop_reason, "ari": round(scores["ari"], 4),
             "nmi": round(scores["nmi"], 4), "k_chosen": chosen, "ari_chosen_k": round(own["ari"], 4),

@@ -138,7 +138,7 @@ def count_leiden_communities(latent: np.ndarray, *, resolution: float = AUTO_RES
     """
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
-    return int(_leiden(latent_graph(np.asarray(latent, dtype=np.float64), n_neighbors), resolution, seed).max() + 1)
+    return int(_leiden(latent_graph(latent, n_neighbors), resolution, seed).max() + 1)
 
 
 def choose_n_domains(latent: np.ndarray, locations: np.ndarray, *, k_range: Sequence[int] = DEFAULT_K_RANGE,

@@ -37,9 +37,14 @@ def active_dimensions(latent: np.ndarray, *, threshold: float = ACTIVE_VARIANCE)
     return latent.var(axis=0) > threshold
 
 
+def count_active(active: np.ndarray, n_gp: int) -> dict[str, int]:
+    """How many of the active dimensions (:func:`active_dimensions`) are GP (the first ``n_gp``) and Gaussian."""
+    return {"gp": int(active[:n_gp].sum()), "gaussian": int(active[n_gp:].sum())}
+
+
 def describe_active_dimensions(active: np.ndarray, n_gp: int) -> str:
     """The line ``spavae run`` prints after training: how many GP and Gaussian dimensions are active."""
-    gp, gaussian = int(active[:n_gp].sum()), int(active[n_gp:].sum())
+    gp, gaussian = count_active(active, n_gp).values()
     return (f"latent used: {gp + gaussian} of {len(active)} dimensions active ({gp} of {n_gp} GP, {gaussian} of "
             f"{len(active) - n_gp} Gaussian; the variance across spots of the posterior mean above "
             f"{ACTIVE_VARIANCE}, the others stay at their prior)")

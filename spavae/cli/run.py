@@ -14,7 +14,7 @@ import torch
 
 from spavae import __version__
 from spavae.analysis.domains import cluster_domains, write_domain_columns
-from spavae.analysis.latent_activity import active_dimensions, describe_active_dimensions
+from spavae.analysis.latent_activity import active_dimensions, count_active, describe_active_dimensions
 from spavae.api import SpaVAE
 from spavae.choices import describe_choices
 from spavae.cli.domains import add_n_domains_options, describe_choice, unscored_line
@@ -113,8 +113,7 @@ def run_command(args: argparse.Namespace) -> dict:
                          domains.n_domains)
     metrics = {"input": source, "n_spots": adata.n_obs, "n_genes": adata.n_vars, "n_domains": domains.n_domains,
                "n_domains_chosen_by": domains.chosen_by, "epochs": int(len(model.history)),
-               "active_dimensions": {"gp": int(active[:model.module.n_gp].sum()),
-                                     "gaussian": int(active[model.module.n_gp:].sum())},
+               "active_dimensions": count_active(active, model.module.n_gp),
                "train_seconds": round(seconds, 2)}
     if args.image is not None:
         metrics["image"] = model.summary()["image"] | {
