@@ -43,15 +43,20 @@ from spavae.data import filter_empty, normalize_log_scale, size_factors
 from spavae.data.genes import highly_variable_genes
 
 
-def baseline_ari(adata, n_domains: int, lattice: np.ndarray, seed: int = 0) -> float:
-    """PCA (10 components, on 2,000 highly variable genes when there are more; size factors from all genes) averaged
-    over each spot and its 6 spatial neighbours, then KMeans."""
+def expression_pcs(adata, seed: int = 0) -> np.ndarray:
+    """The first 10 principal components of the normalised expression (on 2,000 highly variable genes when there are
+    more; size factors from all genes), ``spots x 10``."""
     counts = adata.X
     factors = size_factors(counts)  # library sizes over all genes: a spot may have none of the selected genes
     if adata.n_vars > 2000:
         counts = counts[:, highly_variable_genes(counts, 2000)["highly_variable"].to_numpy()]
-    expression = normalize_log_scale(counts, factors)
-    pcs = PCA(10, random_state=seed).fit_transform(expression)
+    return PCA(10, random_state=seed).fit_transform(normalize_log_scale(counts, factors))
+
+
+def baseline_ari(adata, n_domains: int, lattice: np.ndarray, seed: int = 0) -> float:
+    """The principal components of :func:`expression_pcs` averaged over each spot and its 6 spatial neighbours,
+    then KMeans."""
+    pcs = expression_pcs(adata, seed)
     _, neighbours = cKDTree(lattice).query(lattice, k=7)
     labels = cluster_kmeans(pcs[neighbours].mean(1), n_domains, seed=seed)
     return score_clustering(adata.obs["ground_truth"].astype(str), labels)["ari"]
