@@ -75,3 +75,24 @@ html_title = f"spavae {release}"
 html_static_path = ["_static"]
 html_css_files = ["custom.css"]
 html_theme_options = {"light_css_variables": {"color-brand-primary": "#1f5fa8", "color-brand-content": "#1f5fa8"}}
+
+
+def spread_tutorials(app, env, docnames: list[str]) -> None:
+    """Spread the executed tutorials evenly through the reading order.
+
+    With ``-j N`` Sphinx reads the sorted page names in consecutive chunks, one process per chunk, which puts all
+    tutorials (``tutorials/*``, next to each other in that order) in one process, so their notebooks would run one
+    after another. Spread out, they run side by side (``tests/test_docs.py`` builds with ``-j 2``).
+    """
+    tutorials = [name for name in docnames if name.startswith("tutorials/")]
+    pages = [name for name in docnames if not name.startswith("tutorials/")]
+    if not tutorials:
+        return
+    step = len(docnames) / len(tutorials)
+    slots = {round(index * step): name for index, name in enumerate(tutorials)}
+    pages_left = iter(pages)
+    docnames[:] = [slots[position] if position in slots else next(pages_left) for position in range(len(docnames))]
+
+
+def setup(app) -> None:
+    app.connect("env-before-read-docs", spread_tutorials)

@@ -1,6 +1,7 @@
 """The documentation builds without warnings, with every tutorial executed on a few epochs.
 
-One Sphinx build (``sphinx-build -W --keep-going -b html``) into a temporary folder, shared by the checks below.
+One Sphinx build (``sphinx-build -W --keep-going -j 2 -b html``; ``docs/conf.py`` spreads the tutorials over the two
+reading processes) into a temporary folder, shared by the checks below.
 Skipped when the ``docs`` extra (Sphinx, MyST-NB, furo) is not installed.
 """
 
@@ -36,8 +37,8 @@ def html(tmp_path_factory) -> Path:
     env = os.environ | {"SPAVAE_DOCS_EPOCHS": QUICK_EPOCHS, "SPAVAE_DOCS_TIMEOUT": "300",
                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     result = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", "-d", str(out / "doctrees"),
-         str(DOCS), str(out / "html")],
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-j", "2", "-b", "html",
+         "-d", str(out / "doctrees"), str(DOCS), str(out / "html")],
         env=env, capture_output=True, text=True, timeout=1500,
     )
     stderr = re.sub(r"\x1b\[[0-9;]*m", "", result.stderr)  # warnings, with a failed cell's traceback
