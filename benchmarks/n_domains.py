@@ -7,7 +7,7 @@ latent, labels and coordinates). For every file and every k in the range the lat
 restarts, the run's seed) and each criterion picks its k:
 
 * ``leiden``: the number of Leiden communities of the latent's 20-NN graph at resolution 0.3, brought into the
-  range (:func:`spavae.analysis.choose_n_domains`, what ``spavae run`` uses);
+  range (the rule of :func:`spavae.analysis.choose_n_domains`, what ``spavae run`` uses);
 * ``silhouette``: the largest mean silhouette (what ``spavae run`` used before the Leiden count);
 * ``calinski_harabasz``: the largest Calinski-Harabasz index;
 * ``davies_bouldin``: the smallest Davies-Bouldin index;
@@ -42,7 +42,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, calinski_harabasz_score, davies_bouldin_score, silhouette_score
 from sklearn.mixture import GaussianMixture
 
-from spavae.analysis.domains import choose_n_domains, count_leiden_communities
+from spavae.analysis.domains import count_leiden_communities, nearest_candidate
 
 SAMPLE = 5000
 STABILITY_TOLERANCE = 0.02
@@ -99,12 +99,12 @@ def criteria_table(latent: np.ndarray, ks: list[int], seed: int, criteria: set[s
     return pd.DataFrame(rows).set_index("k")
 
 
-def choices(table: pd.DataFrame, latent: np.ndarray, lattice: np.ndarray, seed: int,
-            criteria: set[str]) -> dict[str, int]:
+def choices(table: pd.DataFrame, latent: np.ndarray, seed: int, criteria: set[str]) -> dict[str, int]:
     ks = list(table.index)
     out = {}
     if "leiden" in criteria:
-        out["leiden"] = choose_n_domains(latent, lattice, k_range=ks, seed=seed)[0]
+        # choose_n_domains' rule, without the KMeans table it would compute again
+        out["leiden"] = nearest_candidate(count_leiden_communities(latent, seed=seed), ks)
     for name in ("silhouette", "calinski_harabasz"):
         if name in criteria:
             out[name] = int(table[name].idxmax())
@@ -147,11 +147,11 @@ def main() -> None:
         case, seed = re.fullmatch(r"(.+)_seed(\d+)", path.stem).groups()
         seed = int(seed)
         data = np.load(path, allow_pickle=False)
-        latent, truth, lattice = data["latent"].astype(np.float64), data["truth"], data["lattice"]
+        latent, truth = data["latent"].astype(np.float64), data["truth"]
         labelled = truth != "NA"
         reference = len(np.unique(truth[labelled]))
         table = criteria_table(latent, ks, seed, criteria)
-        for criterion, k in choices(table, latent, lattice, seed, criteria).items():
+        for criterion, k in choices(table, latent, seed, criteria).items():
             ari = adjusted_rand_score(truth[labelled], table.loc[k, "labels"][labelled])
             row = {"case": case, "seed": seed, "criterion": criterion, "k": k, "k_reference": reference,
                    "within_1": abs(k - reference) <= 1, "ari": round(float(ari), 4)}

@@ -20,8 +20,9 @@ def test_finds_planted_domains_and_needs_the_locations():
     shuffled = adata.copy()
     shuffled.obsm["spatial"] = adata.obsm["spatial"][np.random.default_rng(0).permutation(adata.n_obs)]
     scores = {}
-    for name, data in (("true", adata), ("shuffled", shuffled)):  # the original's 7 x 7 grid: half the time of
-        # the 13 x 13 one this 1,024-spot section gets by default, and the locations are the point here, not the grid
+    # The original's 7 x 7 grid: half the time of the 13 x 13 one this 1,024-spot section gets by default, and the
+    # locations are the point here, not the grid.
+    for name, data in (("true", adata), ("shuffled", shuffled)):
         model = spavae.SpaVAE(data, device="cpu", inducing_steps=6).train(max_epochs=120, progress=False)
         labels = cluster_kmeans(model.get_latent_representation(), 5, n_init=10)
         scores[name] = score_clustering(adata.obs["ground_truth"], labels)["ari"]

@@ -141,6 +141,11 @@ def count_leiden_communities(latent: np.ndarray, *, resolution: float = AUTO_RES
     return int(_leiden(latent_graph(latent, n_neighbors), resolution, seed).max() + 1)
 
 
+def nearest_candidate(count: int, k_range: Sequence[int]) -> int:
+    """The number of ``k_range`` nearest to ``count`` (the smaller on a tie): a community count brought into range."""
+    return min(k_range, key=lambda k: (abs(k - count), k))
+
+
 def choose_n_domains(latent: np.ndarray, locations: np.ndarray, *, k_range: Sequence[int] = DEFAULT_K_RANGE,
                      criterion: str = "leiden", n_neighbors: int = 20, n_init: int = 10,
                      seed: int = 0) -> tuple[int, pd.DataFrame]:
@@ -206,7 +211,7 @@ def choose_n_domains(latent: np.ndarray, locations: np.ndarray, *, k_range: Sequ
         chosen = int(table["silhouette"].idxmax())
     else:
         count = count_leiden_communities(latent, n_neighbors=n_neighbors, seed=seed)
-        chosen = min(k_values, key=lambda k: (abs(k - count), k))  # the nearest candidate, the smaller on a tie
+        chosen = nearest_candidate(count, k_values)
         table.attrs["leiden_communities"] = count
     table["chosen"] = table.index == chosen
     return chosen, table
